@@ -1,0 +1,299 @@
+"""Tests for example_1_basic_unet/basic_unet_segmentation.py."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from conftest import load_script, run_script
+
+SCRIPT = "example_1_basic_unet/basic_unet_segmentation.py"
+ex1 = load_script(SCRIPT)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+@pytest.mark.parametrize("height, width", [(64, 64), (100, 100), (127, 93)])
+def test_unet_keeps_any_input_size(height, width, bilinear):
+    model = ex1.UNet(base_channels=4, depth=4, bilinear=bilinear).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, height, width))
+    assert logits.shape == (2, 2, height, width)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = ex1.UNet(base_channels=4, depth=3)
+    images, masks = torch.rand(2, 3, 40, 40), torch.randint(0, 2, (2, 40, 40))
+    torch.nn.functional.cross_entropy(model(images), masks).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_parameter_count_matches_closed_form():
+    # DoubleConv(i, o) = 9*i*o + 2*o (BN) + 9*o*o + 2*o; Up adds a 2x2 transposed conv i -> i/2.
+    def double_conv(i, o):
+        return 9 * i * o + 9 * o * o + 4 * o
+
+    base, depth = 4, 2  # widths 4, 8, 16
+    expected = double_conv(3, 4) + double_conv(4, 8) + double_conv(8, 16)
+    expected += (16 * 8 * 4 + 8) + double_conv(16, 8)  # up from 16 to 8
+    expected += (8 * 4 * 4 + 4) + double_conv(8, 4)  # up from 8 to 4
+    expected += 4 * 2 + 2  # 1x1 classifier
+    assert ex1.count_parameters(ex1.UNet(base_channels=base, depth=depth)) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_and_binary():
+    image_a, mask_a = ex1.generate_sample(seed=0, index=7, size=48)
+    image_b, mask_b = ex1.generate_sample(seed=0, index=7, size=48)
+    assert np.array_equal(image_a, image_b) and np.array_equal(mask_a, mask_b)
+    assert image_a.shape == (3, 48, 48) and image_a.dtype == np.float32
+    assert mask_a.shape == (48, 48) and mask_a.dtype == np.int64
+    assert 0.0 <= image_a.min() and image_a.max() <= 1.0
+    masks = np.stack([ex1.generate_sample(0, i, 48)[1] for i in range(20)])
+    assert set(np.unique(masks)) == {0, 1}
+
+
+def test_generator_depends_on_seed_and_index():
+    image, mask = ex1.generate_sample(0, 3, 48)
+    other_seed, _ = ex1.generate_sample(1, 3, 48)
+    other_index, _ = ex1.generate_sample(0, 4, 48)
+    assert not np.allclose(image, other_seed)
+    assert not np.allclose(image, other_index)
+
+
+def test_split_is_70_15_15_and_disjoint():
+    splits = ex1.split_indices(1000, seed=0)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [700, 150, 150]
+    every = np.concatenate(list(splits.values()))
+    assert sorted(every.tolist()) == list(range(1000))
+
+
+def _coordinate_image(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image whose channels hold each pixel's own (x, y), and a checkerboard mask of it."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    image = torch.stack([(x + 0.5) / size, (y + 0.5) / size, torch.ones(size, size)])
+    return image.float(), _checker(x, y)
+
+
+def _checker(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((x // 6 + y // 6) % 2).long()
+
+
+def _agreement(image: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of pixels whose mask equals the checkerboard at the coordinates the image shows."""
+    size = image.shape[-1]
+    inside = image[2] > 0.99  # fill from the affine warp has channel 2 = 0; edges are blended
+    x = (image[0] * size - 0.5).round().long().clamp(0, size - 1)
+    y = (image[1] * size - 0.5).round().long().clamp(0, size - 1)
+    return (mask[inside] == _checker(x, y)[inside]).float().mean().item()
+
+
+def test_augmentation_moves_the_mask_with_the_image():
+    image, mask = _coordinate_image(48)
+    transform = ex1.build_train_transform()
+    paired, unpaired = [], []
+    for seed in range(30):
+        torch.manual_seed(seed)
+        out_image, out_mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert out_mask.dtype == torch.int64
+        assert set(out_mask.unique().tolist()) <= {0, 1}  # NEAREST: no invented labels
+        paired.append(_agreement(out_image, out_mask))
+        unpaired.append(_agreement(out_image, mask))  # what you get if only the image moved
+    assert min(paired) > 0.97
+    assert np.mean(unpaired) < 0.8  # the check above can tell moved from unmoved masks
+
+
+def test_dataset_returns_image_and_mask_tensors():
+    dataset = ex1.ShapesDataset(np.arange(4), seed=0, size=32, transform=ex1.build_train_transform())
+    image, mask = dataset[0]
+    assert type(image) is torch.Tensor and type(mask) is torch.Tensor  # plain tensors, not tv_tensors
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert mask.shape == (32, 32) and mask.dtype == torch.int64
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def _metrics(pred, target):
+    confusion = ex1.confusion_matrix(torch.tensor(pred), torch.tensor(target), 2)
+    return ex1.metrics_from_confusion(confusion)
+
+
+def test_metrics_perfect_prediction():
+    m = _metrics([0, 1, 1, 0], [0, 1, 1, 0])
+    assert m["foreground_iou"] == 1.0 and m["iou_per_class"]["background"] == 1.0
+    assert m["pixel_accuracy"] == 1.0 and m["mean_iou"] == 1.0
+
+
+def test_metrics_disjoint_prediction():
+    m = _metrics([0, 0, 1, 1], [1, 1, 0, 0])
+    assert m["foreground_iou"] == 0.0 and m["iou_per_class"]["background"] == 0.0
+    assert m["pixel_accuracy"] == 0.0
+
+
+def test_metrics_partial_overlap():
+    # object: TP 2, FP 1, FN 1 -> 2/4; background: TP 4, FP 1, FN 1 -> 4/6; 6 of 8 pixels right
+    m = _metrics([1, 1, 0, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0])
+    assert m["foreground_iou"] == pytest.approx(0.5)
+    assert m["iou_per_class"]["background"] == pytest.approx(4 / 6)
+    assert m["mean_iou"] == pytest.approx((0.5 + 4 / 6) / 2)
+    assert m["pixel_accuracy"] == pytest.approx(0.75)
+
+
+def test_metrics_class_absent_from_prediction_and_truth_is_nan_and_left_out():
+    m = _metrics([0, 0, 0], [0, 0, 0])
+    assert math.isnan(m["foreground_iou"])
+    assert m["mean_iou"] == 1.0  # the mean is over the classes that occur
+    assert m["pixel_accuracy"] == 1.0
+
+
+def test_confusion_matrix_skips_ignore_index_and_adds_over_batches():
+    pred = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]])
+    target = torch.tensor([[1, 255, 0, 1], [0, 1, 255, 0]])
+    confusion = ex1.confusion_matrix(pred, target, 2)
+    assert confusion.tolist() == [[2, 1], [1, 2]]  # rows: truth, columns: prediction
+    per_row = ex1.confusion_matrix(pred[0], target[0], 2) + ex1.confusion_matrix(pred[1], target[1], 2)
+    assert torch.equal(per_row, confusion)
+
+
+def test_all_background_predictor_has_high_accuracy_and_zero_iou():
+    masks = torch.zeros(2, 10, 10, dtype=torch.long)
+    masks[:, :2, :5] = 1  # 10 % object pixels
+    confusion = ex1.all_background_confusion([(None, masks)])
+    m = ex1.metrics_from_confusion(confusion)
+    assert m["pixel_accuracy"] == pytest.approx(0.9)
+    assert m["foreground_iou"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop behaviour
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiny_loaders(isolated):
+    isolated(ex1, IMAGE_SIZE=24, NUM_IMAGES=40, BASE_CHANNELS=4, DEPTH=2, BATCH_SIZE=8)
+    return ex1.build_loaders(seed=0)
+
+
+def test_nan_loss_stops_with_a_clear_message(isolated):
+    loaders = _tiny_loaders(isolated)
+
+    class NaNModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(float("nan")))
+
+        def forward(self, x):
+            return self.scale * x[:, :2]
+
+    model = NaNModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(SystemExit, match="loss became nan.*LEARNING_RATE"):
+        ex1.train_one_epoch(
+            model, loaders["train"], torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler,
+            torch.device("cpu"), epoch=1,
+        )
+
+
+def test_ctrl_c_keeps_the_best_checkpoint(isolated, tmp_path, monkeypatch):
+    loaders = _tiny_loaders(isolated)
+    isolated(ex1, EPOCHS=5)
+    real_train = ex1.train_one_epoch
+    calls = []
+
+    def train_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(ex1, "train_one_epoch", train_then_interrupt)
+    checkpoint = tmp_path / "best.pt"
+    history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, torch.device("cpu"), checkpoint)
+    assert [h["epoch"] for h in history] == [1]
+    model, saved = ex1.load_model(checkpoint, torch.device("cpu"))
+    assert saved["epoch"] == 1 and not checkpoint.with_name("best.pt.tmp").exists()
+
+
+def test_early_stopping_after_patience_epochs(isolated, tmp_path, monkeypatch):
+    loaders = _tiny_loaders(isolated)
+    isolated(ex1, EPOCHS=10, PATIENCE=2)
+    monkeypatch.setattr(ex1, "train_one_epoch", lambda *args: 0.5)
+    flat = torch.tensor([[5, 1], [1, 5]])  # the same validation score every epoch
+    monkeypatch.setattr(ex1, "evaluate", lambda *args: (0.5, flat))
+    history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, torch.device("cpu"), tmp_path / "b.pt")
+    assert len(history) == 3  # epoch 1 is the best, epochs 2 and 3 do not improve
+
+
+def test_short_training_run_learns(isolated, tmp_path):
+    isolated(
+        ex1, IMAGE_SIZE=32, NUM_IMAGES=400, BASE_CHANNELS=8, DEPTH=3, EPOCHS=6,
+        BATCH_SIZE=16, PATIENCE=6,
+    )
+    metrics = ex1.main([])
+    assert metrics["test"]["foreground_iou"] >= 0.8
+    saved = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    assert saved["test"]["foreground_iou"] == pytest.approx(metrics["test"]["foreground_iou"])
+    assert saved["all_background_baseline"]["foreground_iou"] == 0.0
+    assert saved["test"]["pixel_accuracy"] > saved["all_background_baseline"]["pixel_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction on a user's image, and the script end to end
+# ----------------------------------------------------------------------------------------------
+
+
+def test_predict_without_checkpoint_or_file_gives_clear_errors(isolated, tmp_path):
+    isolated(ex1)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (20, 10)).save(photo)
+    with pytest.raises(SystemExit, match="no trained model"):
+        ex1.main(["--predict", str(photo)])
+    with pytest.raises(SystemExit, match="no such image file"):
+        ex1.main(["--predict", str(tmp_path / "missing.png")])
+
+
+def test_script_end_to_end_as_a_user_runs_it(tmp_path):
+    result = run_script(SCRIPT, ["--quick"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    outputs = tmp_path / "example_1_basic_unet" / "outputs"
+    for name in ("best_model.pt", "metrics.json", "training_curves.png", "predictions.png",
+                 "augmentation.png"):
+        assert (outputs / name).is_file(), name
+    metrics = json.loads((outputs / "metrics.json").read_text())
+    assert {"foreground_iou", "pixel_accuracy", "iou_per_class"} <= set(metrics["test"])
+    assert metrics["device"] == "cpu" and metrics["total_seconds"] > 0
+
+    photo = tmp_path / "my photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photo)
+    result = run_script(SCRIPT, ["--predict", str(photo)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Image.open(outputs / "my photo_overlay.png") as overlay:
+        assert overlay.size == (70, 50)  # same size as the user's image
+
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    result = run_script(SCRIPT, ["--predict", str(text_file)], tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0  # one line, no traceback
+    assert "is not an image" in result.stderr
