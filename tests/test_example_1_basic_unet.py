@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from conftest import load_script, run_script
 
@@ -27,6 +28,11 @@ def test_unet_keeps_any_input_size(height, width, bilinear):
     with torch.no_grad():
         logits = model(torch.rand(2, 3, height, width))
     assert logits.shape == (2, 2, height, width)
+
+
+def test_unet_rejects_an_input_smaller_than_its_depth_allows():
+    with pytest.raises(ValueError, match="too small for depth 4"):
+        ex1.UNet(depth=4)(torch.rand(1, 3, 15, 15))  # 15 px cannot be halved 4 times
 
 
 def test_gradients_reach_every_parameter():
@@ -91,7 +97,8 @@ def _coordinate_image(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _checker(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ((x // 6 + y // 6) % 2).long()
+    """Labels 0 and 2: any interpolation between them (bilinear, say) would show up as a 1."""
+    return ((x // 6 + y // 6) % 2 * 2).long()
 
 
 def _agreement(image: torch.Tensor, mask: torch.Tensor) -> float:
@@ -111,19 +118,47 @@ def test_augmentation_moves_the_mask_with_the_image():
         torch.manual_seed(seed)
         out_image, out_mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         assert out_mask.dtype == torch.int64
-        assert set(out_mask.unique().tolist()) <= {0, 1}  # NEAREST: no invented labels
+        assert set(out_mask.unique().tolist()) <= {0, 2}  # NEAREST: no invented labels
         paired.append(_agreement(out_image, out_mask))
         unpaired.append(_agreement(out_image, mask))  # what you get if only the image moved
     assert min(paired) > 0.97
     assert np.mean(unpaired) < 0.8  # the check above can tell moved from unmoved masks
 
 
-def test_dataset_returns_image_and_mask_tensors():
-    dataset = ex1.ShapesDataset(np.arange(4), seed=0, size=32, transform=ex1.build_train_transform())
-    image, mask = dataset[0]
+def test_standardize_gives_zero_mean_unit_variance_and_ignores_brightness():
+    image = torch.rand(2, 3, 16, 16)
+    out = ex1.standardize(image)
+    assert torch.allclose(out.mean(dim=(-2, -1)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(out.std(dim=(-2, -1)), torch.ones(2, 3), atol=1e-2)
+    # a darker, lower-contrast copy of the same picture looks the same to the network
+    assert torch.allclose(ex1.standardize(0.5 * image + 0.2), out, atol=1e-2)
+
+
+def test_dataset_standardizes_then_transforms_image_and_mask_together():
+    flip = v2.RandomHorizontalFlip(p=1.0)
+    dataset = ex1.ShapesDataset(np.arange(4), seed=0, size=32, transform=flip)
+    image, mask = dataset[1]
     assert type(image) is torch.Tensor and type(mask) is torch.Tensor  # plain tensors, not tv_tensors
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert mask.shape == (32, 32) and mask.dtype == torch.int64
+    assert torch.allclose(image, ex1.standardize(dataset.images[1]).flip(-1))
+    assert torch.equal(mask, dataset.masks[1].flip(-1))
+
+
+def test_only_the_training_split_is_augmented_and_shuffled(isolated):
+    isolated(ex1, IMAGE_SIZE=16, NUM_IMAGES=40, DEPTH=2)
+    loaders = ex1.build_loaders(seed=0)
+    assert loaders["train"].dataset.transform is not None
+    assert isinstance(loaders["train"].sampler, torch.utils.data.RandomSampler)
+    for split in ("val", "test"):
+        assert loaders[split].dataset.transform is None
+        assert isinstance(loaders[split].sampler, torch.utils.data.SequentialSampler)
+
+
+def test_too_few_images_for_a_split_is_a_clear_error(isolated):
+    isolated(ex1, IMAGE_SIZE=16, NUM_IMAGES=5)
+    with pytest.raises(SystemExit, match="test split empty"):
+        ex1.build_loaders(seed=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,14 +275,29 @@ def test_early_stopping_after_patience_epochs(isolated, tmp_path, monkeypatch):
     monkeypatch.setattr(ex1, "train_one_epoch", lambda *args: 0.5)
     flat = torch.tensor([[5, 1], [1, 5]])  # the same validation score every epoch
     monkeypatch.setattr(ex1, "evaluate", lambda *args: (0.5, flat))
-    history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, torch.device("cpu"), tmp_path / "b.pt")
+    checkpoint = tmp_path / "b.pt"
+    history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, torch.device("cpu"), checkpoint)
     assert len(history) == 3  # epoch 1 is the best, epochs 2 and 3 do not improve
+    assert ex1.load_model(checkpoint, torch.device("cpu"))[1]["epoch"] == 1
+
+
+def test_a_checkpoint_from_an_earlier_run_is_not_reused(isolated, tmp_path, monkeypatch):
+    loaders = _tiny_loaders(isolated)
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"an earlier run's model")
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex1, "train_one_epoch", interrupt)
+    assert ex1.fit(ex1.UNet(**ex1.model_config()), loaders, torch.device("cpu"), checkpoint) == []
+    assert not checkpoint.exists()
 
 
 def test_short_training_run_learns(isolated, tmp_path):
     isolated(
-        ex1, IMAGE_SIZE=32, NUM_IMAGES=400, BASE_CHANNELS=8, DEPTH=3, EPOCHS=6,
-        BATCH_SIZE=16, PATIENCE=6,
+        ex1, IMAGE_SIZE=32, NUM_IMAGES=600, BASE_CHANNELS=8, DEPTH=3, EPOCHS=8,
+        BATCH_SIZE=8, PATIENCE=8,
     )
     metrics = ex1.main([])
     assert metrics["test"]["foreground_iou"] >= 0.8
@@ -260,6 +310,17 @@ def test_short_training_run_learns(isolated, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Prediction on a user's image, and the script end to end
 # ----------------------------------------------------------------------------------------------
+
+
+def test_read_image_handles_16_bit_grayscale_and_rgba(tmp_path):
+    ramp = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit PNG, as microscopes write
+    deep = ex1.read_image(tmp_path / "deep.png")
+    assert deep.shape == (30, 40, 3) and deep.min() == 0.0 and deep.max() == 1.0
+    assert np.allclose(deep[..., 0], ramp / 65535, atol=1e-6)  # stretched, not clipped to white
+    Image.new("RGBA", (8, 6), (255, 0, 0, 128)).save(tmp_path / "alpha.png")
+    rgba = ex1.read_image(tmp_path / "alpha.png")
+    assert rgba.shape == (6, 8, 3) and np.allclose(rgba[0, 0], [1.0, 0.0, 0.0])
 
 
 def test_predict_without_checkpoint_or_file_gives_clear_errors(isolated, tmp_path):
@@ -275,7 +336,7 @@ def test_predict_without_checkpoint_or_file_gives_clear_errors(isolated, tmp_pat
 def test_script_end_to_end_as_a_user_runs_it(tmp_path):
     result = run_script(SCRIPT, ["--quick"], tmp_path)
     assert result.returncode == 0, result.stderr
-    outputs = tmp_path / "example_1_basic_unet" / "outputs"
+    outputs = tmp_path / "example_1_basic_unet" / "outputs" / "quick"  # never a real run's files
     for name in ("best_model.pt", "metrics.json", "training_curves.png", "predictions.png",
                  "augmentation.png"):
         assert (outputs / name).is_file(), name
@@ -286,7 +347,7 @@ def test_script_end_to_end_as_a_user_runs_it(tmp_path):
     photo = tmp_path / "my photo.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photo)
-    result = run_script(SCRIPT, ["--predict", str(photo)], tmp_path)
+    result = run_script(SCRIPT, ["--quick", "--predict", str(photo)], tmp_path)
     assert result.returncode == 0, result.stderr
     with Image.open(outputs / "my photo_overlay.png") as overlay:
         assert overlay.size == (70, 50)  # same size as the user's image
