@@ -80,7 +80,7 @@ BASE_CHANNELS = 8  # channels of the first level; each level down doubles them (
 DEPTH = 4  # number of 2x down-samplings: receptive field vs. compute (64 px -> 4 px at depth 4)
 BILINEAR = False  # upsample with bilinear + 1x1 conv instead of a learned transposed convolution
 # training
-EPOCHS = 20  # upper bound; early stopping may end sooner
+EPOCHS = 18  # upper bound; early stopping may end sooner
 BATCH_SIZE = 8  # small batches: more updates per epoch, which helps more than big ones here
 LEARNING_RATE = 3e-3  # AdamW's step size at the start; cosine decay brings it to ~0 at the end
 WEIGHT_DECAY = 1e-4  # mild regularisation: shrinks weights a little every step
@@ -241,7 +241,7 @@ def build_train_transform() -> v2.Compose:
                         interpolation=v2.InterpolationMode.BILINEAR,  # default would be NEAREST
                     )
                 ],
-                p=0.5,
+                p=0.3,  # the slowest step here (~5 ms an image on a CPU), so not every time
             ),
         ]
     )
@@ -268,12 +268,14 @@ def standardize(image: torch.Tensor) -> torch.Tensor:
 class ShapesDataset(Dataset):
     """The synthetic shapes with the given indices, generated once and kept in memory.
 
-    `images` keeps the raw [0, 1] pixels (for plotting); items are standardized, then augmented.
+    `images` keeps the raw [0, 1] pixels (for plotting), `inputs` their standardized version,
+    computed once for all images; items are standardized inputs, then augmented.
     """
 
     def __init__(self, indices: np.ndarray, seed: int, size: int, transform=None):
         samples = [generate_sample(seed, int(i), size) for i in indices]
         self.images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, 3, H, W) float32
+        self.inputs = standardize(self.images)  # (N, 3, H, W), what the network sees
         self.masks = torch.from_numpy(np.stack([s[1] for s in samples]))  # (N, H, W) int64
         self.transform = transform
 
@@ -281,7 +283,7 @@ class ShapesDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = standardize(self.images[i]), self.masks[i]
+        image, mask = self.inputs[i], self.masks[i]
         if self.transform is not None:
             # One call, two tensors: the same random flip / rotation / warp for both.
             image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
