@@ -37,32 +37,29 @@ and the figures ``receptive_field.png``, ``attention_maps.png``, ``predictions.p
 
 What you should see
 -------------------
-On a shared 2-core CPU (no GPU; other jobs were running, so times are pessimistic) the default
-run took 263 s in total (525 s in an earlier run with the same numbers, when the machine was
-busier) and printed::
+On a 2-core CPU (no GPU, nothing else running) the default run took 178 s in total and printed::
 
     ablation                                     val mIoU test mIoU bound.F1 seconds  kept
-    baseline                                       0.4782    0.4734   0.5539    28.5
-    + attention                                    0.5232    0.5175   0.5988    38.8
-    + mixed loss with OHEM                         0.7967    0.7902   0.9583    55.4
-    + multi-scale training                         0.6928    0.6821   0.8830    79.6
-    + TTA: flips and rotations                     0.8183    0.8107   0.9648     2.2  yes
-    + multi-scale inference (0.75, 1.0, 1.25)      0.6965    0.6959   0.8309     6.7  no: lower val mIoU
-    + dense CRF                                    0.8292    0.8280   0.9577     4.9  yes
-    + morphology                                   0.8181    0.8181   0.9421     0.3  no: lower val mIoU
-    gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), step time +42%
-    export: max |eager - exported| 0.00e+00 (other size 0.00e+00), 7.7 ms/image eager, 8.1 ms/image exported
-    CRF 500x375, 21 labels, 5 iterations, pydensecrf default parameters: 0.43 s first call,
-        0.35 s with the smoothness lattice cached (C++ reference ~0.3 s)
-    lattice vs exact CRF on a 64x64 image: labels agree on 99.98% of pixels, mean |dQ| 0.0005
+    baseline                                       0.4790    0.4747   0.5551    22.1
+    + attention                                    0.5244    0.5202   0.6002    25.8
+    + mixed loss with OHEM                         0.7943    0.7892   0.9608    39.2
+    + multi-scale training                         0.6982    0.6864   0.8894    57.7
+    + TTA: flips and rotations                     0.8180    0.8105   0.9645     1.7  yes
+    + multi-scale inference (0.75, 1.0, 1.25)      0.6963    0.6949   0.8306     5.1  no: lower val mIoU
+    + dense CRF                                    0.8301    0.8281   0.9576     1.5  yes
+    + morphology                                   0.8189    0.8182   0.9428     0.2  no: lower val mIoU
+    gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), step time +27%
+    export: max |eager - exported| 0.00e+00 (other size 0.00e+00), 5.1 ms/image eager, 5.4 ms/image exported
+    CRF 500x375, 21 labels, 5 iterations, pydensecrf default parameters: 0.39 s first call, 0.31 s with the smoothness lattice cached (C++ reference ~0.3 s)
+    lattice vs exact CRF on a 64x64 image: labels agree on 100.00% of pixels, mean |dQ| 0.0005
 
 The inference rows are built on row 3 (the best validation mIoU). What helps here: attention
-(+4 mIoU), the mixed loss with OHEM (+27: it is what finds the rare gem and the tiny pebbles),
-flips and rotations at test time (+2), the tuned dense CRF (+1.7). What does not: multi-scale
+(+4.5 mIoU), the mixed loss with OHEM (+27: it is what finds the rare gem and the tiny pebbles),
+flips and rotations at test time (+2.1), the tuned dense CRF (+1.8). What does not: multi-scale
 training and multi-scale inference (rescaling changes the tiles' stripe frequency, which is how
-tiles are recognised: tile IoU falls from 0.75 to 0.13 with multi-scale inference) and morphology. Our CRF
-takes 0.35 s against the C++ reference's ~0.3 s (median on this machine while other jobs shared its
-2 cores; 0.1 s of it is building the appearance lattice).
+tiles are recognised: tile IoU falls from 0.75 to 0.13 with multi-scale inference) and
+morphology. Our CRF takes 0.31 s against the C++ reference's ~0.3 s (0.1 s of it is building the
+appearance lattice).
 
 References
 ----------
@@ -158,9 +155,9 @@ BOUNDARY_TOLERANCE = 2  # boundary F1: a boundary pixel counts as matched within
 # system
 SEED = 0  # same seed -> same data, same initial weights, same numbers
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
-CPU_THREADS = 1  # torch threads on a CPU. 1 is far faster when other programs share the cores
-# (measured on a busy 2-core machine: batch-1 inference 10 ms with 1 thread, 840 ms with 2);
-# on an idle machine with many cores, try more. None keeps torch's default.
+CPU_THREADS = None  # torch threads on a CPU; None = torch's default, one per core. Set 1 when
+# other programs share the cores: threads that wait for each other crawl (measured on a busy
+# 2-core machine: batch-1 inference 10 ms with 1 thread, 840 ms with 2).
 OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
 # --quick: a tiny configuration that runs in about 30 s, to check that everything works
 QUICK = dict(
