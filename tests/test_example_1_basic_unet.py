@@ -104,7 +104,7 @@ def _checker(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _agreement(image: torch.Tensor, mask: torch.Tensor) -> float:
     """Fraction of pixels whose mask equals the checkerboard at the coordinates the image shows."""
     size = image.shape[-1]
-    inside = image[2] > 0.99  # fill from the affine warp has channel 2 = 0; edges are blended
+    inside = image[2] > 0.99  # the affine warp fills the corners it uncovers with 0
     x = (image[0] * size - 0.5).round().long().clamp(0, size - 1)
     y = (image[1] * size - 0.5).round().long().clamp(0, size - 1)
     return (mask[inside] == _checker(x, y)[inside]).float().mean().item()
