@@ -1,0 +1,641 @@
+"""Benchmark the course: what each example costs, and how close it runs to this machine's limit.
+
+What it measures
+----------------
+For every example, on the current device, at the example's own default image size and batch size
+(read from the constants at the top of its script, so a change you make there is benchmarked):
+
+- training throughput: images per second for forward + loss + backward + optimizer step;
+- inference latency: milliseconds to segment one image (eval mode, ``torch.inference_mode``);
+- achieved FLOP rate of the training step, counted with ``torch.utils.flop_counter``, as a
+  fraction of this machine's fp32 matrix-multiply rate measured in the same run (the
+  practical ceiling: a matrix multiply is the most efficient thing a CPU or GPU does);
+- where the step's time goes: the share spent in convolutions and matrix multiplies (the only
+  operations with FLOPs to count) and their own FLOP rate, from ``torch.profiler``;
+- peak memory of a training step, without and with gradient checkpointing, and on CUDA also
+  with and without mixed precision (AMP);
+- the share of training time spent waiting for the example's own DataLoader;
+- time to the headline metric, read from the example's ``outputs/metrics.json`` when a default
+  run has written one.
+
+Each timing is a median over several repeats, after warm-up steps: the first calls of a model
+pay for memory allocation, kernel selection (cudnn.benchmark) and lazy initialization.
+
+How to run
+----------
+From the repository root (any folder works)::
+
+    python benchmarks/benchmark.py                    # all examples, a few minutes on a 2-core CPU
+    python benchmarks/benchmark.py --examples 1 3     # only some
+    python benchmarks/benchmark.py --tiny             # seconds: each example's --quick sizes
+
+It prints one table and writes ``benchmarks/outputs/benchmark.json``. Run it on an idle
+machine: anything else running (a training, a browser tab playing video) lowers every number.
+
+References
+----------
+- Performance tuning guide: https://pytorch.org/tutorials/recipes/recipes/tuning_guide.html
+- Channels-last memory format: https://pytorch.org/tutorials/intermediate/memory_format_tutorial.html
+- torch.utils.flop_counter: https://pytorch.org/docs/stable/generated/torch.utils.flop_counter.FlopCounterMode.html
+"""
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
+
+# -----------------------------------------------------------------------------------------------
+# Settings
+
+WARMUP = 3  # untimed steps first: allocation, kernel choice and caches settle
+REPEATS = 7  # timed repeats; the median ignores the odd step slowed by the OS
+MATMUL_SIZE = 2048  # n of the n x n fp32 matrix multiply that measures the machine's rate (CPU)
+MATMUL_SIZE_CUDA = 8192  # a GPU needs a bigger problem to reach its rate
+DATA_BATCHES = 20  # batches drawn from each example's DataLoader to time data loading
+PROFILED_STEPS = 3  # training steps recorded by torch.profiler for the time breakdown
+TINY = dict(WARMUP=1, REPEATS=2, DATA_BATCHES=2, PROFILED_STEPS=1, MATMUL_SIZE=256)  # --tiny
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # benchmark.json (gitignored)
+# -----------------------------------------------------------------------------------------------
+
+
+def pick_device() -> torch.device:
+    """CUDA, then Apple MPS, then the CPU (the examples' DEVICE = "auto" rule)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work: GPU calls return before the work is done, a timer must not."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup=None, repeats=None) -> float:
+    """Median wall time of fn() over REPEATS calls, after WARMUP untimed calls."""
+    for _ in range(WARMUP if warmup is None else warmup):
+        fn()
+    times = []
+    for _ in range(REPEATS if repeats is None else repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ===============================================================================================
+# 1. The examples: how to build each one's model, batch and loss from its own script
+# ===============================================================================================
+# The scripts are not a package (students run them from their folders), so we import each from
+# its file, exactly as the tests do. Nothing is copied here: the model classes, losses, loaders
+# and constants are the script's own, so the benchmark follows every edit a reader makes.
+
+
+@dataclass
+class Example:
+    """How to benchmark one model of one example script."""
+
+    name: str  # row label in the table
+    script: str  # path relative to the repository root
+    build: Callable  # (module, grad_checkpoint: bool) -> nn.Module
+    num_classes: Callable  # module -> classes of the output
+    in_channels: Callable  # module -> channels of the input
+    loss: Callable  # (module, logits, masks) -> scalar loss, the loss the example trains with
+    train_loader: Callable  # module -> the example's training DataLoader (for the data share)
+    headline: Callable  # metrics.json contents -> {"metric", "value", "seconds"}
+
+
+def checkpoint_modules(model: nn.Module, kinds: tuple) -> nn.Module:
+    """Run every submodule of the given classes through gradient checkpointing (in place).
+
+    A checkpointed block keeps only its input for backward and recomputes its insides there:
+    less memory, one more forward pass of compute.
+    """
+
+    class Checkpointed(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return checkpoint(self.inner, *args, use_reentrant=False)
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, kinds):
+                setattr(parent, child_name, Checkpointed(child))
+    return model
+
+
+def unet_example(number: int, script: str, config: Callable, in_channels: Callable, loss: Callable,
+                 train_loader: Callable, headline: Callable) -> Example:
+    """Examples 1 and 3: a U-Net whose DoubleConv blocks are checkpointed on request."""
+
+    def build(m, grad_checkpoint):
+        model = m.UNet(**config(m))
+        return checkpoint_modules(model, (m.DoubleConv,)) if grad_checkpoint else model
+
+    return Example(f"{number}", script, build, lambda m: config(m)["num_classes"], in_channels,
+                   loss, train_loader, headline)
+
+
+def resnet_blocks() -> tuple:
+    """The residual block classes of torchvision's ResNets (checkpointed in Example 2)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return (BasicBlock, Bottleneck)
+
+
+def example_2(architecture: str) -> Example:
+    """Example 2: one of its (decoder, encoder) runs, built without downloading weights."""
+
+    def build(m, grad_checkpoint):
+        encoder = dict(m.RUNS)[architecture]
+        model = m.build_model(architecture, encoder, m.NUM_CLASSES, pretrained=False)
+        return checkpoint_modules(model, resnet_blocks()) if grad_checkpoint else model
+
+    def train_loader(m):
+        datasets, _ = m.load_datasets()  # VOC if it is on disk, else the synthetic scenes
+        return m.make_loader(datasets["train"], train=True)
+
+    return Example(
+        f"2 {architecture}",
+        "example_2_pretrained_encoders/pretrained_segmentation.py",
+        build,
+        lambda m: m.NUM_CLASSES,
+        lambda m: 3,
+        lambda m, logits, masks: F.cross_entropy(logits, masks, ignore_index=m.IGNORE_INDEX),
+        train_loader,
+        lambda d: next(
+            dict(metric=f"test mIoU ({run['model']})", value=run["miou"], seconds=run["train_seconds"])
+            for run in d["runs"]
+            if run["architecture"] == architecture
+        ),
+    )
+
+
+def example_3_loader(m):
+    """Example 3's training loader: synthetic cohort -> preprocessing -> patient split -> slices."""
+    splits, _ = m.load_data()
+    return m.train_loader([m.preprocess(case) for case in splits["train"]], m.SEED)
+
+
+def example_4_loader(m):
+    """Example 4's training loader; its batches also carry the U-Net weight map."""
+    return m.train_loader(m.make_datasets(m.SEED)["train"], m.SEED)
+
+
+def example_4_loss(m, logits, masks):
+    """The mixed loss of Example 4's final model, with a flat weight map (all ones)."""
+    return m.mixed_loss(logits, masks, torch.ones(masks.shape, device=masks.device))
+
+
+EXAMPLES = {
+    "1": [
+        unet_example(
+            1,
+            "example_1_basic_unet/basic_unet_segmentation.py",
+            lambda m: m.model_config(),
+            lambda m: 3,
+            lambda m, logits, masks: F.cross_entropy(logits, masks, ignore_index=m.IGNORE_INDEX),
+            lambda m: m.build_loaders(m.SEED)["train"],
+            lambda d: dict(metric="test foreground IoU", value=d["test"]["foreground_iou"], seconds=d["total_seconds"]),
+        )
+    ],
+    "2": [example_2("deeplabv3"), example_2("fpn")],
+    "3": [
+        unet_example(
+            3,
+            "example_3_medical_segmentation/medical_segmentation.py",
+            lambda m: m.model_config(2 * m.CONTEXT_SLICES + 1, len(m.CT_CLASS_NAMES)),
+            lambda m: 2 * m.CONTEXT_SLICES + 1,
+            lambda m, logits, masks: m.make_loss(m.LOSS, torch.ones(logits.shape[1], device=logits.device))(
+                logits, masks
+            ),
+            example_3_loader,
+            lambda d: dict(metric="test lesion Dice", value=d["test"]["dice"]["lesion"], seconds=d["total_seconds"]),
+        )
+    ],
+    "4": [
+        Example(
+            "4",
+            "example_4_advanced_techniques/advanced_segmentation.py",
+            lambda m, grad_checkpoint: m.SegNet(**dict(m.model_config(attention=True), grad_checkpoint=grad_checkpoint)),
+            lambda m: len(m.CLASS_NAMES),
+            lambda m: 3,
+            example_4_loss,
+            example_4_loader,
+            lambda d: dict(
+                metric="test mIoU, final pipeline",
+                value=[row for row in d["ablation"] if row.get("kept", True)][-1]["miou"],
+                seconds=d["total_seconds"],
+            ),
+        )
+    ],
+}
+
+
+def load_script(relative_path: str):
+    """Import an example script from its file (once; a module already imported is reused)."""
+    path = ROOT / relative_path
+    module = sys.modules.get(path.stem)
+    if module is not None and Path(getattr(module, "__file__", "")).resolve() == path:
+        return module
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up by name while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def example_constants(module, tiny: bool, overrides: dict):
+    """Within the block: the script's --quick sizes if tiny, then `overrides` (NAME: value) where
+    the script has such a constant, and its CPU thread setting; afterwards, everything restored."""
+    saved = {name: value for name, value in vars(module).items() if name.isupper()}
+    threads = torch.get_num_threads()
+    try:
+        if tiny:
+            vars(module).update(module.QUICK)
+        vars(module).update({name: value for name, value in overrides.items() if name in saved})
+        wanted = getattr(module, "NUM_THREADS", None) or getattr(module, "CPU_THREADS", None)
+        if wanted:  # an example that pins its CPU threads is measured as it runs
+            torch.set_num_threads(wanted)
+        yield module
+    finally:
+        vars(module).update(saved)
+        torch.set_num_threads(threads)
+
+
+# ===============================================================================================
+# 2. The measurements
+# ===============================================================================================
+
+
+def matmul_rate(device: torch.device) -> float:
+    """FLOP/s of an n x n fp32 matrix multiply (2 n^3 FLOPs): the ceiling we compare against."""
+    n = MATMUL_SIZE_CUDA if device.type == "cuda" else MATMUL_SIZE
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / median_seconds(lambda: a @ b, device)
+
+
+def random_batch(ex: Example, m, device, batch_size: int, memory_format) -> tuple:
+    """A batch shaped like the example's: images (N, C, S, S) float32, masks (N, S, S) int64."""
+    size = m.IMAGE_SIZE
+    images = torch.rand(batch_size, ex.in_channels(m), size, size, device=device)
+    masks = torch.randint(0, ex.num_classes(m), (batch_size, size, size), device=device)
+    return images.contiguous(memory_format=memory_format), masks
+
+
+def training_step(ex: Example, m, model, optimizer, amp: bool) -> Callable:
+    """step(images, masks): one training step the way the examples run it (AMP only on CUDA)."""
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    def step(images, masks):
+        with torch.autocast(device_type=images.device.type, enabled=amp):
+            logits = model(images)
+        loss = ex.loss(m, logits.float(), masks)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def prepare(ex: Example, m, device, memory_format, grad_checkpoint=False):
+    """Model (train mode, in `memory_format`) and its AdamW optimizer, seeded."""
+    torch.manual_seed(0)
+    model = ex.build(m, grad_checkpoint).to(device, memory_format=memory_format).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one call of step(), as torch.utils.flop_counter counts them.
+
+    It counts matrix multiplies and convolutions (forward and backward): 2 FLOPs per
+    multiply-add. Element-wise work (BatchNorm, ReLU, the optimizer) has no FLOPs in this count,
+    which is the usual convention for "model FLOPs".
+    """
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+FLOP_OPS = re.compile(r"conv|mm$|matmul|linear")  # aten ops that carry the counted FLOPs
+
+
+def time_breakdown(step: Callable, device: torch.device) -> float:
+    """Share of the step's operator time spent in convolutions and matrix multiplies."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+        synchronize(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    times = {event.key: getattr(event, attribute, 0.0) for event in prof.key_averages()}
+    total = sum(times.values())
+    heavy = sum(t for key, t in times.items() if FLOP_OPS.search(key.split("::")[-1]))
+    return heavy / total if total else float("nan")
+
+
+@torch.inference_mode()
+def inference_latency(model: nn.Module, images: torch.Tensor, device) -> float:
+    """Seconds to segment one image: eval mode, no autograd, batch of one."""
+    model.eval()  # Gotcha: BatchNorm must use its running statistics, as in deployment
+    one = images[:1]
+    seconds = median_seconds(lambda: model(one), device)
+    model.train()
+    return seconds
+
+
+def data_wait(ex: Example, m, device, memory_format, amp: bool) -> tuple[float, float]:
+    """(share of training time spent waiting for the next batch, seconds per batch) in a real loop.
+
+    The example's own training DataLoader feeds DATA_BATCHES training steps; the time inside
+    next(loader) is the wait. With NUM_WORKERS = 0 all data work happens in that wait; with
+    workers, only the part they could not prepare ahead of time.
+    """
+    model, optimizer = prepare(ex, m, device, memory_format)
+    step = training_step(ex, m, model, optimizer, amp)
+    batches = iter(ex.train_loader(m))
+    next(batches)  # the first batch also starts any workers and draws the shuffling order
+    waited, steps, start = 0.0, 0, time.perf_counter()
+    for _ in range(DATA_BATCHES):
+        before = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - before
+        if batch is None:  # the epoch ended
+            break
+        images, masks = batch[0], batch[1]  # Example 4's batches also carry a weight map
+        step(images.to(device, memory_format=memory_format), masks.to(device))
+        steps += 1
+    synchronize(device)
+    return waited / (time.perf_counter() - start), waited / max(steps, 1)
+
+
+def rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB (Linux)."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
+
+
+def peak_step_memory(ex: Example, m, device, memory_format, grad_checkpoint: bool, amp: bool) -> float:
+    """MiB a training step adds at its peak: activations, gradients, optimizer state, workspace.
+
+    CUDA: the caching allocator's peak. CPU: the peak resident memory of the process (Linux
+    only), which is why a fresh process measures each case (see `memory_in_subprocess`).
+    """
+    model, optimizer = prepare(ex, m, device, memory_format, grad_checkpoint)
+    images, masks = random_batch(ex, m, device, m.BATCH_SIZE, memory_format)
+    step = training_step(ex, m, model, optimizer, amp)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(images, masks)
+        step(images, masks)  # the second step holds optimizer state and gradients from the start
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = rss_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
+    step(images, masks)
+    step(images, masks)
+    return rss_mib("VmHWM") - before
+
+
+def memory_in_subprocess(key: str, index: int, tiny: bool, overrides: dict, grad_checkpoint: bool) -> float | None:
+    """Peak step memory on the CPU, measured in a fresh Python process; None where unsupported.
+
+    Freed memory stays in the process (the C allocator keeps it for reuse), so a second
+    measurement in the same process would see the first one's leftovers and report too little.
+    """
+    if not Path("/proc/self/clear_refs").exists():
+        return None  # not Linux: no way to read and reset the peak resident memory
+    command = [sys.executable, __file__, "--memory-probe", key, str(index)]
+    command += ["--tiny"] * tiny + ["--grad-checkpoint"] * grad_checkpoint
+    command += [arg for name, value in overrides.items() for arg in ("--set", f"{name}={value!r}")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        print(f"  memory probe failed: {result.stderr.strip().splitlines()[-1:]}")
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def read_headline(ex: Example) -> dict | None:
+    """{"metric", "value", "seconds"} of the example's last run, if it wrote outputs/metrics.json.
+
+    The seconds are the whole run's (data, training, evaluation, figures), or the model's own
+    training where one run trains several models (Example 2).
+    """
+    path = ROOT / Path(ex.script).parent / "outputs" / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return ex.headline(json.loads(path.read_text()))
+    except (KeyError, StopIteration, IndexError, json.JSONDecodeError):
+        return None  # written by an older version of the script
+
+
+# ===============================================================================================
+# 3. One example, then all of them
+# ===============================================================================================
+
+
+def benchmark_example(key: str, index: int, device, peak_rate: float, tiny: bool, overrides: dict) -> dict:
+    """Every measurement for one model of one example, as a dict (one row of the table)."""
+    ex = EXAMPLES[key][index]
+    m = load_script(ex.script)
+    with example_constants(m, tiny, overrides):
+        chosen = m.memory_format(device)  # the example's own choice, explained in its script
+        other = torch.contiguous_format if chosen == torch.channels_last else torch.channels_last
+        amp = device.type == "cuda"  # what the examples do: mixed precision on CUDA only
+
+        # 1) training step in the example's memory format, then in the other one for comparison
+        step_seconds = {}
+        for memory_format in (chosen, other):
+            model, optimizer = prepare(ex, m, device, memory_format)
+            images, masks = random_batch(ex, m, device, m.BATCH_SIZE, memory_format)
+            step = training_step(ex, m, model, optimizer, amp)
+            step_seconds[memory_format] = median_seconds(lambda: step(images, masks), device)
+            if memory_format == chosen:
+                flops = count_flops(lambda: step(images, masks))
+                heavy_share = time_breakdown(lambda: step(images, masks), device)
+                latency = inference_latency(model, images, device)
+                parameters = sum(p.numel() for p in model.parameters())
+        seconds = step_seconds[chosen]
+        rate = flops / seconds
+
+        # 2) data: the example's own training loader feeding real training steps
+        wait_share, data_seconds = data_wait(ex, m, device, chosen, amp)
+
+        # 3) memory, without and with gradient checkpointing (and AMP on CUDA)
+        memory = {}
+        for grad_checkpoint in (False, True):
+            label = "checkpointing" if grad_checkpoint else "plain"
+            if device.type == "cpu":
+                memory[label] = memory_in_subprocess(key, index, tiny, overrides, grad_checkpoint)
+            else:
+                memory[label] = peak_step_memory(ex, m, device, chosen, grad_checkpoint, amp)
+        if device.type == "cuda":
+            memory["plain_fp32"] = peak_step_memory(ex, m, device, chosen, False, False)
+
+        return dict(
+            example=ex.name,
+            image_size=m.IMAGE_SIZE,
+            batch_size=m.BATCH_SIZE,
+            parameters=parameters,
+            channels_last=chosen == torch.channels_last,
+            threads=torch.get_num_threads(),
+            step_seconds=seconds,
+            other_format_step_seconds=step_seconds[other],
+            train_images_per_second=m.BATCH_SIZE / seconds,
+            gflop_per_step=flops / 1e9,
+            gflops=rate / 1e9,
+            fraction_of_matmul=rate / peak_rate,
+            conv_matmul_time_share=heavy_share,
+            conv_matmul_fraction_of_matmul=rate / heavy_share / peak_rate,
+            inference_ms_per_image=latency * 1e3,
+            data_seconds_per_batch=data_seconds,
+            data_wait_share=wait_share,
+            peak_memory_mib=memory,
+            headline=read_headline(ex),
+        )
+
+
+def fmt(value, spec: str, missing: str = "-") -> str:
+    """format(value, spec), or `missing` for None."""
+    return missing if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], machine: dict) -> None:
+    """The results as one text table."""
+    print(
+        f"\n{machine['device_name']} | torch {machine['torch']} | {machine['threads']} threads | "
+        f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s"
+    )
+    header = (
+        f"{'example':<14}{'img':>5}{'batch':>6}{'train img/s':>12}{'GFLOP/s':>9}{'of mm':>7}"
+        f"{'conv time':>10}{'conv of mm':>11}{'infer ms':>9}{'data':>6}{'mem MiB':>9}{'ckpt':>7}"
+        f"{'headline':>24}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        headline = r["headline"]
+        shown = "-" if headline is None else f"{headline['value']:.3f} in {headline['seconds']:.0f} s"
+        print(
+            f"{r['example']:<14}{r['image_size']:>5}{r['batch_size']:>6}{r['train_images_per_second']:>12.1f}"
+            f"{r['gflops']:>9.1f}{r['fraction_of_matmul']:>7.0%}{r['conv_matmul_time_share']:>10.0%}"
+            f"{r['conv_matmul_fraction_of_matmul']:>11.0%}{r['inference_ms_per_image']:>9.1f}"
+            f"{r['data_wait_share']:>6.0%}{fmt(r['peak_memory_mib']['plain'], '.0f'):>9}"
+            f"{fmt(r['peak_memory_mib']['checkpointing'], '.0f'):>7}{shown:>24}"
+        )
+    print(
+        "of mm: the training step's FLOP rate / the fp32 matmul rate. conv time: share of the step in "
+        "convolutions and matmuls; conv of mm: their own FLOP rate / the matmul rate. data: share of "
+        "training time waiting for the DataLoader. mem: peak MiB a training step adds (ckpt: with "
+        "gradient checkpointing)."
+    )
+
+
+def machine_info(device: torch.device, peak_rate: float) -> dict:
+    """What the numbers were measured on."""
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    return dict(
+        device=str(device),
+        device_name=name,
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        matmul_gflops=peak_rate / 1e9,
+    )
+
+
+def parse_overrides(assignments: list[str]) -> dict:
+    """["BASE_CHANNELS=16", ...] -> {"BASE_CHANNELS": 16}; values are Python literals."""
+    overrides = {}
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        if not name.isupper() or not value:
+            raise SystemExit(f"error: --set expects NAME=VALUE with an UPPERCASE name, got {assignment!r}")
+        try:
+            overrides[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"error: --set {assignment!r}: the value is not a Python literal") from None
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Benchmark the chosen examples, print the table, write the JSON; returns the results."""
+    parser = argparse.ArgumentParser(description="Benchmark the course's examples.")
+    parser.add_argument("--examples", nargs="+", choices=sorted(EXAMPLES), default=sorted(EXAMPLES))
+    parser.add_argument("--tiny", action="store_true", help="each example's --quick sizes: seconds")
+    parser.add_argument("--output", type=Path, default=OUTPUT_DIR / "benchmark.json")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change a constant of the examples that have it, e.g. --set BASE_CHANNELS=16",
+    )
+    parser.add_argument("--memory-probe", nargs=2, metavar=("EXAMPLE", "INDEX"), help=argparse.SUPPRESS)
+    parser.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        globals().update(TINY)
+    overrides = parse_overrides(args.set)
+    device = pick_device()
+    if args.memory_probe:  # internal: one memory measurement in this fresh process
+        ex = EXAMPLES[args.memory_probe[0]][int(args.memory_probe[1])]
+        m = load_script(ex.script)
+        with example_constants(m, args.tiny, overrides):
+            print(peak_step_memory(ex, m, device, m.memory_format(device), args.grad_checkpoint, amp=False))
+        return {}
+    # cudnn.benchmark: let cuDNN time its algorithms for each new input shape and keep the
+    # fastest; it pays off whenever the shapes repeat, as in a training loop.
+    torch.backends.cudnn.benchmark = True
+    peak_rate = matmul_rate(device)
+    machine = machine_info(device, peak_rate)
+    print(f"device: {device} | fp32 matmul rate {peak_rate / 1e9:.1f} GFLOP/s")
+    rows = []
+    for key in args.examples:
+        for index in range(len(EXAMPLES[key])):
+            print(f"example {EXAMPLES[key][index].name} ...", flush=True)
+            rows.append(benchmark_example(key, index, device, peak_rate, args.tiny, overrides))
+    print_table(rows, machine)
+    result = dict(machine=machine, tiny=args.tiny, overrides=overrides, rows=rows)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"written: {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
