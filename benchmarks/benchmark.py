@@ -13,7 +13,8 @@ For every example, on the current device, at the example's own default image siz
 - where the step's time goes: the share spent in convolutions and matrix multiplies (the only
   operations with FLOPs to count) and their own FLOP rate, from ``torch.profiler``;
 - peak memory of a training step, without and with gradient checkpointing, and on CUDA also
-  with and without mixed precision (AMP);
+  with and without mixed precision (AMP); and the activations saved for backward, the part
+  that checkpointing reduces;
 - the share of training time spent waiting for the example's own DataLoader;
 - time to the headline metric, read from the example's ``outputs/metrics.json`` when a default
   run has written one.
@@ -28,6 +29,7 @@ From the repository root (any folder works)::
     python benchmarks/benchmark.py                    # all examples, a few minutes on a 2-core CPU
     python benchmarks/benchmark.py --examples 1 3     # only some
     python benchmarks/benchmark.py --tiny             # seconds: each example's --quick sizes
+    python benchmarks/benchmark.py --examples 1 --set BASE_CHANNELS=16   # what if it were wider?
 
 It prints one table and writes ``benchmarks/outputs/benchmark.json``. Run it on an idle
 machine: anything else running (a training, a browser tab playing video) lowers every number.
@@ -429,6 +431,28 @@ def peak_step_memory(ex: Example, m, device, memory_format, grad_checkpoint: boo
     return rss_mib("VmHWM") - before
 
 
+def saved_activation_mib(ex: Example, m, device, memory_format, grad_checkpoint: bool) -> float:
+    """MiB of the tensors autograd keeps for backward in one training step (weights not counted).
+
+    Exact and the same on every device: every tensor saved for backward passes through `pack`.
+    It is the part of the memory that gradient checkpointing reduces.
+    """
+    model, _ = prepare(ex, m, device, memory_format, grad_checkpoint)
+    images, masks = random_batch(ex, m, device, m.BATCH_SIZE, memory_format)
+    sizes = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()  # views of one storage are counted once
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = ex.loss(m, model(images).float(), masks)
+    loss.backward()  # recomputed insides of checkpointed blocks are freed at once, not counted
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for pointer, size in sizes.items() if pointer not in weights) / 2**20
+
+
 def memory_in_subprocess(key: str, index: int, tiny: bool, overrides: dict, grad_checkpoint: bool) -> float | None:
     """Peak step memory on the CPU, measured in a fresh Python process; None where unsupported.
 
@@ -467,11 +491,15 @@ def read_headline(ex: Example) -> dict | None:
 # ===============================================================================================
 
 
-def benchmark_example(key: str, index: int, device, peak_rate: float, tiny: bool, overrides: dict) -> dict:
+def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict) -> dict:
     """Every measurement for one model of one example, as a dict (one row of the table)."""
     ex = EXAMPLES[key][index]
     m = load_script(ex.script)
     with example_constants(m, tiny, overrides):
+        # 0) the ceiling, measured again for every row: a laptop's (or a shared server's) clock
+        #    speed drifts by 10-20% over minutes, and the ratio must compare like with like
+        peak_rate = matmul_rate(device)
+
         chosen = m.memory_format(device)  # the example's own choice, explained in its script
         other = torch.contiguous_format if chosen == torch.channels_last else torch.channels_last
         amp = device.type == "cuda"  # what the examples do: mixed precision on CUDA only
@@ -504,6 +532,10 @@ def benchmark_example(key: str, index: int, device, peak_rate: float, tiny: bool
                 memory[label] = peak_step_memory(ex, m, device, chosen, grad_checkpoint, amp)
         if device.type == "cuda":
             memory["plain_fp32"] = peak_step_memory(ex, m, device, chosen, False, False)
+        activations = {
+            label: saved_activation_mib(ex, m, device, chosen, grad_checkpoint)
+            for label, grad_checkpoint in (("plain", False), ("checkpointing", True))
+        }
 
         return dict(
             example=ex.name,
@@ -517,6 +549,7 @@ def benchmark_example(key: str, index: int, device, peak_rate: float, tiny: bool
             train_images_per_second=m.BATCH_SIZE / seconds,
             gflop_per_step=flops / 1e9,
             gflops=rate / 1e9,
+            matmul_gflops=peak_rate / 1e9,
             fraction_of_matmul=rate / peak_rate,
             conv_matmul_time_share=heavy_share,
             conv_matmul_fraction_of_matmul=rate / heavy_share / peak_rate,
@@ -524,6 +557,7 @@ def benchmark_example(key: str, index: int, device, peak_rate: float, tiny: bool
             data_seconds_per_batch=data_seconds,
             data_wait_share=wait_share,
             peak_memory_mib=memory,
+            activation_mib=activations,
             headline=read_headline(ex),
         )
 
@@ -534,39 +568,59 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def print_table(rows: list[dict], machine: dict) -> None:
-    """The results as one text table."""
+    """The results as two text tables: speed, then memory, data and results."""
     print(
-        f"\n{machine['device_name']} | torch {machine['torch']} | {machine['threads']} threads | "
-        f"fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s"
+        f"\n{machine['device_name']} | {machine['cpu_count']} cores | torch {machine['torch']} | "
+        f"{machine['threads']} threads | fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s (median)"
     )
     header = (
-        f"{'example':<14}{'img':>5}{'batch':>6}{'train img/s':>12}{'GFLOP/s':>9}{'of mm':>7}"
-        f"{'conv time':>10}{'conv of mm':>11}{'infer ms':>9}{'data':>6}{'mem MiB':>9}{'ckpt':>7}"
-        f"{'headline':>24}"
+        f"{'example':<13}{'img':>4}{'batch':>6}{'train img/s':>12}{'GFLOP/step':>11}{'GFLOP/s':>8}"
+        f"{'of matmul':>10}{'conv time':>10}{'conv rate':>10}{'other layout':>13}{'infer ms':>9}"
     )
-    print(header)
-    print("-" * len(header))
+    print(header + "\n" + "-" * len(header))
     for r in rows:
-        headline = r["headline"]
-        shown = "-" if headline is None else f"{headline['value']:.3f} in {headline['seconds']:.0f} s"
+        other = r["step_seconds"] / r["other_format_step_seconds"] - 1  # > 0: the other is faster
         print(
-            f"{r['example']:<14}{r['image_size']:>5}{r['batch_size']:>6}{r['train_images_per_second']:>12.1f}"
-            f"{r['gflops']:>9.1f}{r['fraction_of_matmul']:>7.0%}{r['conv_matmul_time_share']:>10.0%}"
-            f"{r['conv_matmul_fraction_of_matmul']:>11.0%}{r['inference_ms_per_image']:>9.1f}"
-            f"{r['data_wait_share']:>6.0%}{fmt(r['peak_memory_mib']['plain'], '.0f'):>9}"
-            f"{fmt(r['peak_memory_mib']['checkpointing'], '.0f'):>7}{shown:>24}"
+            f"{r['example']:<13}{r['image_size']:>4}{r['batch_size']:>6}{r['train_images_per_second']:>12.1f}"
+            f"{r['gflop_per_step']:>11.2f}{r['gflops']:>8.1f}{r['fraction_of_matmul']:>10.0%}"
+            f"{r['conv_matmul_time_share']:>10.0%}{r['conv_matmul_fraction_of_matmul']:>10.0%}"
+            f"{other:>+13.0%}{r['inference_ms_per_image']:>9.1f}"
+        )
+    header = (
+        f"{'example':<13}{'peak MiB':>9}{'ckpt':>7}{'activations MiB':>16}{'ckpt':>7}{'data wait':>10}"
+        f"{'headline metric (last default run)':>48}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        peak, act, headline = r["peak_memory_mib"], r["activation_mib"], r["headline"]
+        shown = "-" if headline is None else f"{headline['metric']} {headline['value']:.3f} in {headline['seconds']:.0f} s"
+        print(
+            f"{r['example']:<13}{fmt(peak['plain'], '.0f'):>9}{fmt(peak['checkpointing'], '.0f'):>7}"
+            f"{act['plain']:>16.1f}{act['checkpointing']:>7.1f}{r['data_wait_share']:>10.0%}{shown:>48}"
         )
     print(
-        "of mm: the training step's FLOP rate / the fp32 matmul rate. conv time: share of the step in "
-        "convolutions and matmuls; conv of mm: their own FLOP rate / the matmul rate. data: share of "
-        "training time waiting for the DataLoader. mem: peak MiB a training step adds (ckpt: with "
-        "gradient checkpointing)."
+        "\nof matmul: the training step's FLOP rate / the fp32 matmul rate. conv time: share of the "
+        "step spent in convolutions and matmuls; conv rate: their own FLOP rate / the matmul rate. "
+        "other layout: how much faster (+) the step is in the memory layout the example does not "
+        "use. peak: MiB a training step adds at its peak; activations: MiB saved for backward; "
+        "ckpt: with gradient checkpointing. data wait: share of training time spent waiting "
+        "for the DataLoader."
     )
 
 
-def machine_info(device: torch.device, peak_rate: float) -> dict:
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        match = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        if match:
+            return match.group(1).strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, rows: list[dict]) -> dict:
     """What the numbers were measured on."""
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     return dict(
         device=str(device),
         device_name=name,
@@ -574,7 +628,7 @@ def machine_info(device: torch.device, peak_rate: float) -> dict:
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         python=platform.python_version(),
-        matmul_gflops=peak_rate / 1e9,
+        matmul_gflops=statistics.median(row["matmul_gflops"] for row in rows),
     )
 
 
@@ -621,14 +675,13 @@ def main(argv: list[str] | None = None) -> dict:
     # cudnn.benchmark: let cuDNN time its algorithms for each new input shape and keep the
     # fastest; it pays off whenever the shapes repeat, as in a training loop.
     torch.backends.cudnn.benchmark = True
-    peak_rate = matmul_rate(device)
-    machine = machine_info(device, peak_rate)
-    print(f"device: {device} | fp32 matmul rate {peak_rate / 1e9:.1f} GFLOP/s")
+    print(f"device: {device}")
     rows = []
     for key in args.examples:
         for index in range(len(EXAMPLES[key])):
             print(f"example {EXAMPLES[key][index].name} ...", flush=True)
-            rows.append(benchmark_example(key, index, device, peak_rate, args.tiny, overrides))
+            rows.append(benchmark_example(key, index, device, args.tiny, overrides))
+    machine = machine_info(device, rows)
     print_table(rows, machine)
     result = dict(machine=machine, tiny=args.tiny, overrides=overrides, rows=rows)
     args.output.parent.mkdir(parents=True, exist_ok=True)

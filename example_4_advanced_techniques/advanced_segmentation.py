@@ -696,8 +696,11 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6
 
 
 def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
-    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. errors sorted descending (P,)."""
-    gts = gt_sorted.sum()
+    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. errors sorted descending.
+
+    gt_sorted: (P,) labels (1 = class pixel) in that order, or (P, C): one such column per class.
+    """
+    gts = gt_sorted.sum(dim=0)
     intersection = gts - gt_sorted.cumsum(0)
     union = gts + (1 - gt_sorted).cumsum(0)
     jaccard = 1 - intersection / union  # Jaccard loss of the top-1, top-2, ... errors
@@ -711,18 +714,17 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, num_classes)  # (N*H*W, C)
     labels = target.reshape(-1)
     valid = labels != IGNORE_INDEX
-    probs, labels = probs[valid], labels[valid]
-    losses = []
-    for c in range(num_classes):
-        foreground = (labels == c).to(probs.dtype)  # (P,)
-        if foreground.sum() == 0:
-            continue  # only classes present in the labels ("present" in the paper's code)
-        errors = (foreground - probs[:, c]).abs()
-        errors_sorted, order = torch.sort(errors, descending=True)
-        losses.append(torch.dot(errors_sorted, lovasz_grad(foreground[order])))
-    if not losses:
+    probs, labels = probs[valid], labels[valid]  # (P, C), (P,)
+    foreground = F.one_hot(labels, num_classes).to(probs.dtype)  # (P, C): column c = "is class c"
+    present = foreground.sum(dim=0) > 0  # (C,) only classes present in the labels count
+    if not present.any():
         return logits.sum() * 0  # Gotcha: a plain 0 would not backpropagate
-    return torch.stack(losses).mean()
+    errors = (foreground - probs).abs()  # (P, C)
+    # One sort for all classes, each column by its own descending error. (A loop of one sort per
+    # class gives the same numbers; on a 2-core CPU it took twice as long, a sixth of a step.)
+    errors_sorted, order = torch.sort(errors, dim=0, descending=True)  # (P, C) each
+    losses = (errors_sorted * lovasz_grad(foreground.gather(0, order))).sum(dim=0)  # (C,) dot products
+    return losses[present].mean()
 
 
 def boundary_weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -741,7 +743,8 @@ def ohem_mask(logits, target, threshold=None, min_kept=None) -> torch.Tensor:
     candidates = p_true[valid]
     if candidates.numel() == 0 or min_kept <= 0:
         return valid & (p_true <= threshold)
-    kth = torch.sort(candidates).values[min(min_kept, candidates.numel()) - 1]  # k-th smallest p
+    # the k-th smallest p without sorting all of them (kthvalue is linear time, a sort is not)
+    kth = torch.kthvalue(candidates, min(min_kept, candidates.numel())).values
     return valid & (p_true <= torch.clamp(kth, min=threshold))
 
 
