@@ -71,7 +71,7 @@ WARMUP = 3  # untimed steps first: allocation, kernel choice and caches settle
 REPEATS = 7  # timed repeats; the median ignores the odd step slowed by the OS
 MATMUL_SIZE = 2048  # n of the n x n fp32 matrix multiply that measures the machine's rate (CPU)
 MATMUL_SIZE_CUDA = 8192  # a GPU needs a bigger problem to reach its rate
-DATA_BATCHES = 20  # batches drawn from each example's DataLoader to time data loading
+DATA_BATCHES = 20  # training steps fed by each example's own DataLoader to measure the data wait
 PROFILED_STEPS = 3  # training steps recorded by torch.profiler for the time breakdown
 TINY = dict(WARMUP=1, REPEATS=2, DATA_BATCHES=2, PROFILED_STEPS=1, MATMUL_SIZE=256)  # --tiny
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,12 +96,12 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, warmup=None, repeats=None) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device) -> float:
     """Median wall time of fn() over REPEATS calls, after WARMUP untimed calls."""
-    for _ in range(WARMUP if warmup is None else warmup):
+    for _ in range(WARMUP):
         fn()
     times = []
-    for _ in range(REPEATS if repeats is None else repeats):
+    for _ in range(REPEATS):
         synchronize(device)
         start = time.perf_counter()
         fn()
@@ -526,10 +526,12 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
         memory = {}
         for grad_checkpoint in (False, True):
             label = "checkpointing" if grad_checkpoint else "plain"
-            if device.type == "cpu":
+            if device.type == "cuda":
+                memory[label] = peak_step_memory(ex, m, device, chosen, grad_checkpoint, amp)
+            elif device.type == "cpu":
                 memory[label] = memory_in_subprocess(key, index, tiny, overrides, grad_checkpoint)
             else:
-                memory[label] = peak_step_memory(ex, m, device, chosen, grad_checkpoint, amp)
+                memory[label] = None  # Apple MPS: no peak counter to read
         if device.type == "cuda":
             memory["plain_fp32"] = peak_step_memory(ex, m, device, chosen, False, False)
         activations = {

@@ -34,21 +34,21 @@ with the same file stems, masks stored as 0/255 or as class indices).
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU, shared with other jobs) the default run took 104 s in total and printed
+On a 2-core CPU (no GPU, nothing else running) the default run took 81 s in total and printed
 (abridged; the full output is in README.md)::
 
     leakage check, lesion Dice of a copy-the-nearest-training-slice 'model': slice-level split 0.823 vs patient-level split 0.295
-    loss comparison after 2 epochs, validation lesion Dice: weighted_ce 0.537, dice_ce 0.000
-    best epoch 6; lesion threshold 0.5 chosen on validation (val Dice 0.924)
+    loss comparison after 2 epochs, validation lesion Dice: weighted_ce 0.588, dice_ce 0.000
+    best epoch 6; lesion threshold 0.5 chosen on validation (val Dice 0.926)
     test, in-domain (6 patients): mean +- std [bootstrap 95% CI]
-      dice         organ 0.973 +- 0.008 [0.967, 0.978] | lesion 0.942 +- 0.023 [0.924, 0.957]
-      sensitivity  organ 0.979 +- 0.011 [0.970, 0.985] | lesion 0.921 +- 0.041 [0.889, 0.948]
+      dice         organ 0.974 +- 0.009 [0.967, 0.980] | lesion 0.943 +- 0.023 [0.925, 0.958]
+      sensitivity  organ 0.981 +- 0.011 [0.973, 0.988] | lesion 0.926 +- 0.041 [0.893, 0.953]
       specificity  organ 0.997 +- 0.001 [0.996, 0.997] | lesion 1.000 +- 0.000 [1.000, 1.000]
       lesions found 13/13 (lesion-wise sensitivity 1.00), false-positive lesions 0
     test, out-of-domain scanner D (6 patients): mean +- std [bootstrap 95% CI]
-      dice         organ 0.866 +- 0.015 [0.856, 0.878] | lesion 0.660 +- 0.104 [0.573, 0.725]
-      lesions found 14/14 (lesion-wise sensitivity 1.00), false-positive lesions 23
-    test Dice organ 0.973 | lesion 0.942 | total 104 s | outputs in .../outputs
+      dice         organ 0.886 +- 0.024 [0.867, 0.902] | lesion 0.674 +- 0.140 [0.563, 0.760]
+      lesions found 14/14 (lesion-wise sensitivity 1.00), false-positive lesions 19
+    test Dice organ 0.974 | lesion 0.943 | total 81 s | outputs in .../outputs
 
 References
 ----------
