@@ -20,7 +20,7 @@ How to run
 ----------
 From this folder (``example_3_medical_segmentation/``)::
 
-    python medical_segmentation.py                   # full run, about 2 minutes on a 2-core CPU
+    python medical_segmentation.py                   # full run, about 1.5 minutes on a 2-core CPU
     python medical_segmentation.py --quick           # tiny run in seconds: checks your set-up
     python medical_segmentation.py --predict outputs/example_slice.png   # segment an image
     python medical_segmentation.py --data-dir ~/data/kvasir   # your images/ + masks/ folders

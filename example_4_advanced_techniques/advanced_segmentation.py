@@ -37,20 +37,20 @@ and the figures ``receptive_field.png``, ``attention_maps.png``, ``predictions.p
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU, nothing else running) the default run took 178 s in total and printed::
+On a 2-core CPU (no GPU, nothing else running) the default run took 156 s in total and printed::
 
     ablation                                     val mIoU test mIoU bound.F1 seconds  kept
-    baseline                                       0.4790    0.4747   0.5551    22.1
-    + attention                                    0.5244    0.5202   0.6002    25.8
-    + mixed loss with OHEM                         0.7943    0.7892   0.9608    39.2
-    + multi-scale training                         0.6982    0.6864   0.8894    57.7
+    baseline                                       0.4790    0.4747   0.5551    21.1
+    + attention                                    0.5244    0.5202   0.6002    20.8
+    + mixed loss with OHEM                         0.7943    0.7892   0.9608    31.8
+    + multi-scale training                         0.6982    0.6864   0.8894    49.0
     + TTA: flips and rotations                     0.8180    0.8105   0.9645     1.7  yes
-    + multi-scale inference (0.75, 1.0, 1.25)      0.6963    0.6949   0.8306     5.1  no: lower val mIoU
+    + multi-scale inference (0.75, 1.0, 1.25)      0.6963    0.6949   0.8306     4.5  no: lower val mIoU
     + dense CRF                                    0.8301    0.8281   0.9576     1.5  yes
-    + morphology                                   0.8189    0.8182   0.9428     0.2  no: lower val mIoU
-    gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), step time +27%
-    export: max |eager - exported| 0.00e+00 (other size 0.00e+00), 5.1 ms/image eager, 5.4 ms/image exported
-    CRF 500x375, 21 labels, 5 iterations, pydensecrf default parameters: 0.39 s first call, 0.31 s with the smoothness lattice cached (C++ reference ~0.3 s)
+    + morphology                                   0.8189    0.8182   0.9428     0.3  no: lower val mIoU
+    gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), step time +29%
+    export: max |eager - exported| 0.00e+00 (other size 0.00e+00), 4.8 ms/image eager, 5.4 ms/image exported
+    CRF 500x375, 21 labels, 5 iterations, pydensecrf default parameters: 0.35 s first call, 0.27 s with the smoothness lattice cached (C++ reference ~0.3 s)
     lattice vs exact CRF on a 64x64 image: labels agree on 100.00% of pixels, mean |dQ| 0.0005
 
 The inference rows are built on row 3 (the best validation mIoU). What helps here: attention
@@ -58,7 +58,7 @@ The inference rows are built on row 3 (the best validation mIoU). What helps her
 flips and rotations at test time (+2.1), the tuned dense CRF (+1.8). What does not: multi-scale
 training and multi-scale inference (rescaling changes the tiles' stripe frequency, which is how
 tiles are recognised: tile IoU falls from 0.75 to 0.13 with multi-scale inference) and
-morphology. Our CRF takes 0.31 s against the C++ reference's ~0.3 s (0.1 s of it is building the
+morphology. Our CRF takes 0.27 s against the C++ reference's ~0.3 s (0.1 s of it is building the
 appearance lattice).
 
 References
