@@ -132,25 +132,32 @@ class Example:
     headline: Callable  # metrics.json contents -> {"metric", "value", "seconds"}
 
 
-def checkpoint_modules(model: nn.Module, kinds: tuple) -> nn.Module:
-    """Run every submodule of the given classes through gradient checkpointing (in place).
+class Checkpointed(nn.Module):
+    """Gradient checkpointing around a module: backward keeps only its inputs and recomputes
+    its insides (less memory, one more forward pass of compute).
 
-    A checkpointed block keeps only its input for backward and recomputes its insides there:
-    less memory, one more forward pass of compute.
+    BatchNorm inside updates its running statistics twice per step (forward and recompute):
+    harmless for a benchmark, worth knowing in a real training run.
     """
 
-    class Checkpointed(nn.Module):
-        def __init__(self, inner: nn.Module):
-            super().__init__()
-            self.inner = inner
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
 
-        def forward(self, *args):
-            return checkpoint(self.inner, *args, use_reentrant=False)
+    def forward(self, *args):
+        return checkpoint(self.inner, *args, use_reentrant=False)  # the recommended variant
 
+
+def checkpoint_modules(model: nn.Module, kinds: tuple) -> nn.Module:
+    """Wrap every submodule of the given classes in Checkpointed (in place)."""
+    wrapped = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, kinds):
                 setattr(parent, child_name, Checkpointed(child))
+                wrapped += 1
+    if wrapped == 0:  # a silent no-op would report "checkpointing saves nothing"
+        raise ValueError(f"no {kinds} inside {type(model).__name__} to checkpoint")
     return model
 
 
@@ -166,20 +173,17 @@ def unet_example(number: int, script: str, config: Callable, in_channels: Callab
                    loss, train_loader, headline)
 
 
-def resnet_blocks() -> tuple:
-    """The residual block classes of torchvision's ResNets (checkpointed in Example 2)."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    return (BasicBlock, Bottleneck)
-
-
 def example_2(architecture: str) -> Example:
     """Example 2: one of its (decoder, encoder) runs, built without downloading weights."""
 
     def build(m, grad_checkpoint):
         encoder = dict(m.RUNS)[architecture]
         model = m.build_model(architecture, encoder, m.NUM_CLASSES, pretrained=False)
-        return checkpoint_modules(model, resnet_blocks()) if grad_checkpoint else model
+        if grad_checkpoint:
+            # The encoder is a torch.fx feature extractor: tracing replaced its residual blocks
+            # by one flat graph, so we checkpoint the whole encoder and the whole decoder.
+            model.encoder, model.decoder = Checkpointed(model.encoder), Checkpointed(model.decoder)
+        return model
 
     def train_loader(m):
         datasets, _ = m.load_datasets()  # VOC if it is on disk, else the synthetic scenes
@@ -299,10 +303,14 @@ def example_constants(module, tiny: bool, overrides: dict):
 # ===============================================================================================
 
 
-def matmul_rate(device: torch.device) -> float:
-    """FLOP/s of an n x n fp32 matrix multiply (2 n^3 FLOPs): the ceiling we compare against."""
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of an n x n matrix multiply (2 n^3 FLOPs): the ceiling we compare against.
+
+    In the precision the training step computes in: float32 on a CPU, float16 under AMP on CUDA
+    (tensor cores make it several times faster than float32 there).
+    """
     n = MATMUL_SIZE_CUDA if device.type == "cuda" else MATMUL_SIZE
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n**3 / median_seconds(lambda: a @ b, device)
 
 
@@ -314,12 +322,18 @@ def random_batch(ex: Example, m, device, batch_size: int, memory_format) -> tupl
     return images.contiguous(memory_format=memory_format), masks
 
 
+def autocast(device: torch.device, amp: bool):
+    """float16 autocast on CUDA when amp is on; otherwise nothing (older PyTorch builds reject
+    torch.autocast(device_type="mps") even when it is disabled)."""
+    return torch.autocast(device_type="cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+
+
 def training_step(ex: Example, m, model, optimizer, amp: bool) -> Callable:
     """step(images, masks): one training step the way the examples run it (AMP only on CUDA)."""
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def step(images, masks):
-        with torch.autocast(device_type=images.device.type, enabled=amp):
+        with autocast(images.device, amp):
             logits = model(images)
         loss = ex.loss(m, logits.float(), masks)
         optimizer.zero_grad(set_to_none=True)
@@ -352,26 +366,33 @@ def count_flops(step: Callable[[], object]) -> int:
 FLOP_OPS = re.compile(r"conv|mm$|matmul|linear")  # aten ops that carry the counted FLOPs
 
 
-def time_breakdown(step: Callable, device: torch.device) -> float:
-    """Share of the step's operator time spent in convolutions and matrix multiplies."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+def time_breakdown(step: Callable, device: torch.device) -> float | None:
+    """Share of the step's operator time spent in convolutions and matrix multiplies (CPU only).
+
+    On a GPU the operators' CPU time is only the time to launch them; their GPU time would
+    need the kernel-level events, so there we report nothing rather than a wrong number.
+    """
+    if device.type != "cpu":
+        return None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(PROFILED_STEPS):
             step()
-        synchronize(device)
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    times = {event.key: getattr(event, attribute, 0.0) for event in prof.key_averages()}
-    total = sum(times.values())
+    times = {event.key: event.self_cpu_time_total for event in prof.key_averages()}
     heavy = sum(t for key, t in times.items() if FLOP_OPS.search(key.split("::")[-1]))
-    return heavy / total if total else float("nan")
+    return heavy / sum(times.values())
 
 
 @torch.inference_mode()
-def inference_latency(model: nn.Module, images: torch.Tensor, device) -> float:
-    """Seconds to segment one image: eval mode, no autograd, batch of one."""
+def inference_latency(model: nn.Module, images: torch.Tensor, device, amp: bool) -> float:
+    """Seconds to segment one image: eval mode, no autograd, batch of one (AMP as in training)."""
     model.eval()  # Gotcha: BatchNorm must use its running statistics, as in deployment
     one = images[:1]
-    seconds = median_seconds(lambda: model(one), device)
+
+    def infer():
+        with autocast(device, amp):
+            return model(one)
+
+    seconds = median_seconds(infer, device)
     model.train()
     return seconds
 
@@ -380,13 +401,16 @@ def data_wait(ex: Example, m, device, memory_format, amp: bool) -> tuple[float, 
     """(share of training time spent waiting for the next batch, seconds per batch) in a real loop.
 
     The example's own training DataLoader feeds DATA_BATCHES training steps; the time inside
-    next(loader) is the wait. With NUM_WORKERS = 0 all data work happens in that wait; with
-    workers, only the part they could not prepare ahead of time.
+    next(loader) is the wait. With NUM_WORKERS = 0 all the loader's work happens in that wait;
+    with workers, only the part they could not prepare ahead of time. Augmentation that an
+    example does on whole batches inside its training loop (Example 4's flips and turns) counts
+    as training time here, not as waiting.
     """
     model, optimizer = prepare(ex, m, device, memory_format)
     step = training_step(ex, m, model, optimizer, amp)
     batches = iter(ex.train_loader(m))
-    next(batches)  # the first batch also starts any workers and draws the shuffling order
+    first = next(batches)  # the first batch also starts any workers and draws the shuffling order
+    step(first[0].to(device, memory_format=memory_format), first[1].to(device))  # warm-up step
     waited, steps, start = 0.0, 0, time.perf_counter()
     for _ in range(DATA_BATCHES):
         before = time.perf_counter()
@@ -418,10 +442,11 @@ def peak_step_memory(ex: Example, m, device, memory_format, grad_checkpoint: boo
     step = training_step(ex, m, model, optimizer, amp)
     if device.type == "cuda":
         synchronize(device)
+        before = torch.cuda.memory_allocated()  # weights and the batch
+        step(images, masks)  # warm-up: optimizer state, gradients, cudnn.benchmark's trials
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
         step(images, masks)
-        step(images, masks)  # the second step holds optimizer state and gradients from the start
         synchronize(device)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     before = rss_mib("VmRSS")
@@ -431,11 +456,12 @@ def peak_step_memory(ex: Example, m, device, memory_format, grad_checkpoint: boo
     return rss_mib("VmHWM") - before
 
 
-def saved_activation_mib(ex: Example, m, device, memory_format, grad_checkpoint: bool) -> float:
+def saved_activation_mib(ex: Example, m, device, memory_format, grad_checkpoint: bool, amp: bool) -> float:
     """MiB of the tensors autograd keeps for backward in one training step (weights not counted).
 
-    Exact and the same on every device: every tensor saved for backward passes through `pack`.
-    It is the part of the memory that gradient checkpointing reduces.
+    Exact, and measured the same way on every device: every tensor saved for backward passes
+    through `pack`. It is the part of the memory that gradient checkpointing reduces (and AMP
+    halves, where it is on).
     """
     model, _ = prepare(ex, m, device, memory_format, grad_checkpoint)
     images, masks = random_batch(ex, m, device, m.BATCH_SIZE, memory_format)
@@ -447,7 +473,9 @@ def saved_activation_mib(ex: Example, m, device, memory_format, grad_checkpoint:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = ex.loss(m, model(images).float(), masks)
+        with autocast(device, amp):
+            logits = model(images)
+        loss = ex.loss(m, logits.float(), masks)
     loss.backward()  # recomputed insides of checkpointed blocks are freed at once, not counted
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(size for pointer, size in sizes.items() if pointer not in weights) / 2**20
@@ -464,7 +492,11 @@ def memory_in_subprocess(key: str, index: int, tiny: bool, overrides: dict, grad
     command = [sys.executable, __file__, "--memory-probe", key, str(index)]
     command += ["--tiny"] * tiny + ["--grad-checkpoint"] * grad_checkpoint
     command += [arg for name, value in overrides.items() for arg in ("--set", f"{name}={value!r}")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        print("  memory probe took over 10 minutes; skipped")
+        return None
     if result.returncode != 0:
         print(f"  memory probe failed: {result.stderr.strip().splitlines()[-1:]}")
         return None
@@ -474,6 +506,8 @@ def memory_in_subprocess(key: str, index: int, tiny: bool, overrides: dict, grad
 def read_headline(ex: Example) -> dict | None:
     """{"metric", "value", "seconds"} of the example's last run, if it wrote outputs/metrics.json.
 
+    Run the example with its defaults first: a --quick run of Examples 2-4 writes there too.
+
     The seconds are the whole run's (data, training, evaluation, figures), or the model's own
     training where one run trains several models (Example 2).
     """
@@ -481,9 +515,10 @@ def read_headline(ex: Example) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return ex.headline(json.loads(path.read_text()))
+        headline = ex.headline(json.loads(path.read_text()))
     except (KeyError, StopIteration, IndexError, json.JSONDecodeError):
         return None  # written by an older version of the script
+    return headline if headline["value"] is not None else None  # a NaN score is stored as null
 
 
 # ===============================================================================================
@@ -498,11 +533,11 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
     with example_constants(m, tiny, overrides):
         # 0) the ceiling, measured again for every row: a laptop's (or a shared server's) clock
         #    speed drifts by 10-20% over minutes, and the ratio must compare like with like
-        peak_rate = matmul_rate(device)
+        amp = device.type == "cuda"  # what the examples do: mixed precision on CUDA only
+        peak_rate = matmul_rate(device, torch.float16 if amp else torch.float32)
 
         chosen = m.memory_format(device)  # the example's own choice, explained in its script
         other = torch.contiguous_format if chosen == torch.channels_last else torch.channels_last
-        amp = device.type == "cuda"  # what the examples do: mixed precision on CUDA only
 
         # 1) training step in the example's memory format, then in the other one for comparison
         step_seconds = {}
@@ -514,7 +549,7 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
             if memory_format == chosen:
                 flops = count_flops(lambda: step(images, masks))
                 heavy_share = time_breakdown(lambda: step(images, masks), device)
-                latency = inference_latency(model, images, device)
+                latency = inference_latency(model, images, device, amp)
                 parameters = sum(p.numel() for p in model.parameters())
         seconds = step_seconds[chosen]
         rate = flops / seconds
@@ -535,7 +570,7 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
         if device.type == "cuda":
             memory["plain_fp32"] = peak_step_memory(ex, m, device, chosen, False, False)
         activations = {
-            label: saved_activation_mib(ex, m, device, chosen, grad_checkpoint)
+            label: saved_activation_mib(ex, m, device, chosen, grad_checkpoint, amp)
             for label, grad_checkpoint in (("plain", False), ("checkpointing", True))
         }
 
@@ -552,9 +587,10 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
             gflop_per_step=flops / 1e9,
             gflops=rate / 1e9,
             matmul_gflops=peak_rate / 1e9,
+            matmul_dtype="float16" if amp else "float32",
             fraction_of_matmul=rate / peak_rate,
             conv_matmul_time_share=heavy_share,
-            conv_matmul_fraction_of_matmul=rate / heavy_share / peak_rate,
+            conv_matmul_fraction_of_matmul=None if heavy_share is None else rate / heavy_share / peak_rate,
             inference_ms_per_image=latency * 1e3,
             data_seconds_per_batch=data_seconds,
             data_wait_share=wait_share,
@@ -573,7 +609,8 @@ def print_table(rows: list[dict], machine: dict) -> None:
     """The results as two text tables: speed, then memory, data and results."""
     print(
         f"\n{machine['device_name']} | {machine['cpu_count']} cores | torch {machine['torch']} | "
-        f"{machine['threads']} threads | fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s (median)"
+        f"{machine['threads']} threads | matmul {machine['matmul_gflops']:.0f} GFLOP/s "
+        f"({rows[0]['matmul_dtype']}, median of the rows)"
     )
     header = (
         f"{'example':<13}{'img':>4}{'batch':>6}{'train img/s':>12}{'GFLOP/step':>11}{'GFLOP/s':>8}"
@@ -585,12 +622,12 @@ def print_table(rows: list[dict], machine: dict) -> None:
         print(
             f"{r['example']:<13}{r['image_size']:>4}{r['batch_size']:>6}{r['train_images_per_second']:>12.1f}"
             f"{r['gflop_per_step']:>11.2f}{r['gflops']:>8.1f}{r['fraction_of_matmul']:>10.0%}"
-            f"{r['conv_matmul_time_share']:>10.0%}{r['conv_matmul_fraction_of_matmul']:>10.0%}"
+            f"{fmt(r['conv_matmul_time_share'], '.0%'):>10}{fmt(r['conv_matmul_fraction_of_matmul'], '.0%'):>10}"
             f"{other:>+13.0%}{r['inference_ms_per_image']:>9.1f}"
         )
     header = (
-        f"{'example':<13}{'peak MiB':>9}{'ckpt':>7}{'activations MiB':>16}{'ckpt':>7}{'data wait':>10}"
-        f"{'headline metric (last default run)':>48}"
+        f"{'example':<13}{'peak MiB':>9}{'ckpt':>7}{'no AMP':>7}{'activations MiB':>16}{'ckpt':>7}"
+        f"{'data wait':>10}{'headline metric (outputs/metrics.json)':>48}"
     )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
@@ -598,15 +635,16 @@ def print_table(rows: list[dict], machine: dict) -> None:
         shown = "-" if headline is None else f"{headline['metric']} {headline['value']:.3f} in {headline['seconds']:.0f} s"
         print(
             f"{r['example']:<13}{fmt(peak['plain'], '.0f'):>9}{fmt(peak['checkpointing'], '.0f'):>7}"
-            f"{act['plain']:>16.1f}{act['checkpointing']:>7.1f}{r['data_wait_share']:>10.0%}{shown:>48}"
+            f"{fmt(peak.get('plain_fp32'), '.0f'):>7}{act['plain']:>16.1f}{act['checkpointing']:>7.1f}{r['data_wait_share']:>10.0%}{shown:>48}"
         )
     print(
         "\nof matmul: the training step's FLOP rate / the fp32 matmul rate. conv time: share of the "
         "step spent in convolutions and matmuls; conv rate: their own FLOP rate / the matmul rate. "
         "other layout: how much faster (+) the step is in the memory layout the example does not "
-        "use. peak: MiB a training step adds at its peak; activations: MiB saved for backward; "
-        "ckpt: with gradient checkpointing. data wait: share of training time spent waiting "
-        "for the DataLoader."
+        "use. peak: MiB a training step adds at its peak (CPU: resident memory, which memory the "
+        "process freed earlier and reuses can understate); no AMP: the same in float32 (CUDA); "
+        "activations: MiB saved for backward; ckpt: with gradient checkpointing. data wait: share "
+        "of training time spent waiting for the DataLoader."
     )
 
 

@@ -61,7 +61,7 @@ def test_time_breakdown_counts_exactly_the_operations_with_flops(name, heavy):
     assert bool(bench.FLOP_OPS.search(name.split("::")[-1])) == heavy
 
 
-def test_gradient_checkpointing_wrapper_changes_nothing_but_memory():
+def test_gradient_checkpointing_wrapper_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     plain = ex1.UNet(base_channels=4, depth=2)
     wrapped = ex1.UNet(base_channels=4, depth=2)
@@ -135,11 +135,15 @@ def test_benchmark_runs_end_to_end_on_a_tiny_configuration(isolated, tmp_path):
     machine, (row,) = result["machine"], result["rows"]
     assert machine["matmul_gflops"] > 0 and machine["threads"] >= 1
     assert row["example"] == "1" and row["image_size"] == ex1.QUICK["IMAGE_SIZE"]
-    assert row["batch_size"] == ex1.BATCH_SIZE and row["channels_last"] is False  # CPU
-    # the FLOPs of a step are those of its model at that size: recount them independently
+    assert row["batch_size"] == ex1.BATCH_SIZE
+    assert row["channels_last"] == (ex1.memory_format(bench.pick_device()) == torch.channels_last)
+    # the step's FLOPs are those of the tiny U-Net's forward and backward on one batch: recount
     model = ex1.UNet(base_channels=ex1.QUICK["BASE_CHANNELS"], depth=ex1.QUICK["DEPTH"], bilinear=ex1.BILINEAR)
     assert row["parameters"] == sum(p.numel() for p in model.parameters())
-    assert row["gflop_per_step"] > 0
+    size = ex1.QUICK["IMAGE_SIZE"]
+    images = torch.rand(ex1.BATCH_SIZE, 3, size, size)
+    flops = bench.count_flops(lambda: model(images).sum().backward())
+    assert row["gflop_per_step"] == pytest.approx(flops / 1e9)
     assert row["gflops"] == pytest.approx(row["gflop_per_step"] / row["step_seconds"])
     assert row["fraction_of_matmul"] == pytest.approx(row["gflops"] / row["matmul_gflops"])
     assert machine["matmul_gflops"] == row["matmul_gflops"]  # the median of one row
