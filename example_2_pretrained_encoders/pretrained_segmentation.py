@@ -27,11 +27,11 @@ built-in synthetic VOC-like dataset; without internet it trains the encoders fro
 What you should see
 -------------------
 The default run (`python pretrained_segmentation.py`) on a 2-core CPU (offline: synthetic data,
-encoders from random weights) took 466 s in total and ended with:
+encoders from random weights) took 369 s in total and ended with:
 
     model                              params  train s   mIoU  MS+flip  pix acc
-    deeplabv3_resnet18_scratch          13.3M      286  0.487    0.504    0.903
-    fpn_resnet18_scratch                12.5M      153  0.904    0.914    0.987
+    deeplabv3_resnet18_scratch          13.3M      168  0.487    0.504    0.903
+    fpn_resnet18_scratch                12.5M      177  0.904    0.914    0.987
 
 FPN, which predicts at stride 4, reaches test mIoU 0.904 (0.914 with multi-scale + flip);
 DeepLabV3's stride-16 map of a 64-pixel image is only 4 x 4, and it reaches 0.487 (0.504).

@@ -166,8 +166,8 @@ def memory_format(device: torch.device) -> torch.memory_format:
 
     channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
     order in which NVIDIA's tensor cores convolve fastest, above all in mixed precision. On a
-    2-core CPU it made this model's training step about 25% slower (benchmarks/benchmark.py measures both
-    layouts), so there we keep the default layout.
+    2-core CPU it changed this model's training step by -25% to +13% from run to run
+    (benchmarks/benchmark.py measures both layouts): no consistent gain, so there we keep the default.
     """
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
