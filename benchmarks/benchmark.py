@@ -314,11 +314,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / median_seconds(lambda: a @ b, device)
 
 
-def random_batch(ex: Example, m, device, batch_size: int, memory_format) -> tuple:
+def random_batch(ex: Example, m, device, memory_format) -> tuple:
     """A batch shaped like the example's: images (N, C, S, S) float32, masks (N, S, S) int64."""
-    size = m.IMAGE_SIZE
-    images = torch.rand(batch_size, ex.in_channels(m), size, size, device=device)
-    masks = torch.randint(0, ex.num_classes(m), (batch_size, size, size), device=device)
+    n, size = m.BATCH_SIZE, m.IMAGE_SIZE
+    images = torch.rand(n, ex.in_channels(m), size, size, device=device)
+    masks = torch.randint(0, ex.num_classes(m), (n, size, size), device=device)
     return images.contiguous(memory_format=memory_format), masks
 
 
@@ -438,7 +438,7 @@ def peak_step_memory(ex: Example, m, device, memory_format, grad_checkpoint: boo
     only), which is why a fresh process measures each case (see `memory_in_subprocess`).
     """
     model, optimizer = prepare(ex, m, device, memory_format, grad_checkpoint)
-    images, masks = random_batch(ex, m, device, m.BATCH_SIZE, memory_format)
+    images, masks = random_batch(ex, m, device, memory_format)
     step = training_step(ex, m, model, optimizer, amp)
     if device.type == "cuda":
         synchronize(device)
@@ -464,7 +464,7 @@ def saved_activation_mib(ex: Example, m, device, memory_format, grad_checkpoint:
     halves, where it is on).
     """
     model, _ = prepare(ex, m, device, memory_format, grad_checkpoint)
-    images, masks = random_batch(ex, m, device, m.BATCH_SIZE, memory_format)
+    images, masks = random_batch(ex, m, device, memory_format)
     sizes = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -531,8 +531,8 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
     ex = EXAMPLES[key][index]
     m = load_script(ex.script)
     with example_constants(m, tiny, overrides):
-        # 0) the ceiling, measured again for every row: a laptop's (or a shared server's) clock
-        #    speed drifts by 10-20% over minutes, and the ratio must compare like with like
+        # 0) the ceiling, measured again for every row: a laptop's (or a shared server's) speed
+        #    can drift by 20% and more over minutes, and the ratio must compare like with like
         amp = device.type == "cuda"  # what the examples do: mixed precision on CUDA only
         peak_rate = matmul_rate(device, torch.float16 if amp else torch.float32)
 
@@ -543,7 +543,7 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
         step_seconds = {}
         for memory_format in (chosen, other):
             model, optimizer = prepare(ex, m, device, memory_format)
-            images, masks = random_batch(ex, m, device, m.BATCH_SIZE, memory_format)
+            images, masks = random_batch(ex, m, device, memory_format)
             step = training_step(ex, m, model, optimizer, amp)
             step_seconds[memory_format] = median_seconds(lambda: step(images, masks), device)
             if memory_format == chosen:
