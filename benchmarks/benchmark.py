@@ -345,10 +345,11 @@ def training_step(ex: Example, m, model, optimizer, amp: bool) -> Callable:
 
 
 def prepare(ex: Example, m, device, memory_format, grad_checkpoint=False):
-    """Model (train mode, in `memory_format`) and its AdamW optimizer, seeded."""
+    """Model (train mode, in `memory_format`) and its AdamW optimizer (fused where the examples
+    fuse it: CPU and CUDA), seeded."""
     torch.manual_seed(0)
     model = ex.build(m, grad_checkpoint).to(device, memory_format=memory_format).train()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
 
 
 def count_flops(step: Callable[[], object]) -> int:
@@ -531,10 +532,12 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
     ex = EXAMPLES[key][index]
     m = load_script(ex.script)
     with example_constants(m, tiny, overrides):
-        # 0) the ceiling, measured again for every row: a laptop's (or a shared server's) speed
-        #    can drift by 20% and more over minutes, and the ratio must compare like with like
+        # 0) the ceiling, measured for every row just before and just after the training step is
+        #    timed: a laptop's (or a shared server's) speed can drift by 20% and more over
+        #    minutes, and the ratio must compare like with like
         amp = device.type == "cuda"  # what the examples do: mixed precision on CUDA only
-        peak_rate = matmul_rate(device, torch.float16 if amp else torch.float32)
+        ceiling_dtype = torch.float16 if amp else torch.float32
+        ceiling_before = matmul_rate(device, ceiling_dtype)
 
         chosen = m.memory_format(device)  # the example's own choice, explained in its script
         other = torch.contiguous_format if chosen == torch.channels_last else torch.channels_last
@@ -547,6 +550,7 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
             step = training_step(ex, m, model, optimizer, amp)
             step_seconds[memory_format] = median_seconds(lambda: step(images, masks), device)
             if memory_format == chosen:
+                peak_rate = (ceiling_before + matmul_rate(device, ceiling_dtype)) / 2
                 flops = count_flops(lambda: step(images, masks))
                 heavy_share = time_breakdown(lambda: step(images, masks), device)
                 latency = inference_latency(model, images, device, amp)

@@ -238,30 +238,34 @@ def split_indices(num_images: int, seed: int) -> dict[str, np.ndarray]:
 # applied to the image only; we rely on the generator's own colour variety instead.
 
 
-class RandomQuarterTurn(nn.Module):
-    """Rotate image and mask by the same random multiple of 90 degrees: (..., H, W) -> (..., W, H).
+class RandomDihedral(nn.Module):
+    """Apply the same random symmetry of the square to image and mask: (..., S, S) -> (..., S, S).
 
+    A square has 8 symmetries: 4 quarter turns, each with or without a mirror. One draw picks
+    one of them; this gives exactly the statistics of random horizontal flip + random vertical
+    flip + random quarter turn, in one step instead of three (each v2 call costs ~0.1 ms of
+    Python overhead per image, and with NUM_WORKERS = 0 the training loop waits for it).
     A transform of your own can join a v2 pipeline as a plain module whose forward takes and
-    returns (image, mask). torchvision's RandomRotation would also do quarter turns, but through
-    its general interpolation machinery: 5x slower than torch.rot90, which just moves pixels.
+    returns (image, mask). Pixels only move: nothing is interpolated.
     """
 
     def forward(self, image: tv_tensors.Image, mask: tv_tensors.Mask):
-        k = int(torch.randint(4, ()))  # one draw for both: that is what makes it paired
+        k = int(torch.randint(8, ()))  # one draw for both: that is what makes it paired
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            x = x.rot90(k % 4, dims=(-2, -1))  # k % 4 quarter turns
+            return x.flip(-1) if k >= 4 else x  # the mirrored half of the 8 symmetries
+
         # Gotcha: most operations on a tv_tensor return a plain tensor, and the next v2 transform
         # would not know the mask is a Mask any more; wrap(..., like=x) restores the type.
-        turn = lambda x: tv_tensors.wrap(x.rot90(k, dims=(-2, -1)), like=x)  # noqa: E731
-        return turn(image), turn(mask)
+        return tv_tensors.wrap(move(image), like=image), tv_tensors.wrap(move(mask), like=mask)
 
 
 def build_train_transform() -> v2.Compose:
-    """Random paired flips, quarter turns and a small affine warp."""
+    """Random paired flips and quarter turns, and a small affine warp on some images."""
     return v2.Compose(
         [
-            # exact flips and quarter turns: pixels move, nothing is interpolated
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomVerticalFlip(p=0.5),
-            RandomQuarterTurn(),
+            RandomDihedral(),  # exact flips and quarter turns: pixels move, nothing is interpolated
             v2.RandomApply(
                 # Gotcha: a Mask must be resampled with NEAREST: blending labels 0 and 1 would
                 # invent a class "0.5" (with several classes, a wrong class in between). v2 always
@@ -580,7 +584,11 @@ def model_config() -> dict:
 def fit(model, loaders, device, checkpoint_path: Path) -> list[dict]:
     """Train with validation every epoch, early stopping and a best checkpoint; returns the history."""
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)  # takes logits, applies log-softmax
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    # fused=True: one kernel updates all weights at once instead of ~10 small operations per
+    # weight tensor (same maths; 5-10% faster training steps here). CPU and CUDA have it.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=device.type in ("cpu", "cuda")
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=EPOCHS * len(loaders["train"])
     )

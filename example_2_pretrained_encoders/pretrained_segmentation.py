@@ -946,6 +946,9 @@ def make_optimizer(model: SegmentationModel, total_steps: int):
             {"params": model.decoder.parameters(), "lr": LR},
         ],
         weight_decay=WEIGHT_DECAY,
+        # fused: one kernel updates all weights instead of ~10 small operations per weight tensor
+        # (same maths; the optimizer was 10-15% of a CPU training step). CPU and CUDA have it.
+        fused=next(model.parameters()).device.type in ("cpu", "cuda"),
     )
     poly = lambda step: max(0.0, 1 - step / total_steps) ** POLY_POWER  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)

@@ -931,7 +931,11 @@ def fit(
     model = model.to(device, memory_format=memory_format(device))
     loss_fn = make_loss(loss_name, data["class_weights"].to(device))
     loader = train_loader(data["train"], SEED)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    # fused=True: one kernel updates all weights instead of ~10 small operations per weight
+    # tensor (same maths, a faster step). CPU and CUDA have it.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=device.type in ("cpu", "cuda")
+    )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=LEARNING_RATE, total_steps=epochs * len(loader), pct_start=0.15
     )

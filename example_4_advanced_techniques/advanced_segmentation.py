@@ -886,7 +886,11 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device)
 def fit(model: SegNet, data: dict, row: dict, device: torch.device, path: Path) -> list[dict]:
     """Train one ablation row (loss "ce" or "mixed", optional multi-scale); best checkpoint -> path."""
     loader = train_loader(data["train"], SEED)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    # fused=True: one kernel updates all weights instead of ~10 small operations per weight
+    # tensor (same maths, a faster step). CPU and CUDA have it.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=device.type in ("cpu", "cuda")
+    )
     total_steps = EPOCHS * len(loader)
     # poly decay (DeepLab): lr * (1 - step / total)^0.9
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total_steps) ** 0.9)
