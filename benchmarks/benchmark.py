@@ -609,6 +609,12 @@ def fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def percent(value) -> str:
+    """A share as a percentage: whole numbers, one decimal below 10% (a GPU runs these small
+    models at a fraction of a percent of its matmul rate), "-" for None."""
+    return fmt(value, ".0%" if value is None or value >= 0.1 else ".1%")
+
+
 def print_table(rows: list[dict], machine: dict) -> None:
     """The results as two text tables: speed, then memory, data and results."""
     print(
@@ -625,8 +631,8 @@ def print_table(rows: list[dict], machine: dict) -> None:
         other = r["step_seconds"] / r["other_format_step_seconds"] - 1  # > 0: the other is faster
         print(
             f"{r['example']:<13}{r['image_size']:>4}{r['batch_size']:>6}{r['train_images_per_second']:>12.1f}"
-            f"{r['gflop_per_step']:>11.2f}{r['gflops']:>8.1f}{r['fraction_of_matmul']:>10.0%}"
-            f"{fmt(r['conv_matmul_time_share'], '.0%'):>10}{fmt(r['conv_matmul_fraction_of_matmul'], '.0%'):>10}"
+            f"{r['gflop_per_step']:>11.2f}{r['gflops']:>8.1f}{percent(r['fraction_of_matmul']):>10}"
+            f"{percent(r['conv_matmul_time_share']):>10}{percent(r['conv_matmul_fraction_of_matmul']):>10}"
             f"{other:>+13.0%}{r['inference_ms_per_image']:>9.1f}"
         )
     header = (
@@ -642,8 +648,9 @@ def print_table(rows: list[dict], machine: dict) -> None:
             f"{fmt(peak.get('plain_fp32'), '.0f'):>7}{act['plain']:>16.1f}{act['checkpointing']:>7.1f}{r['data_wait_share']:>10.0%}{shown:>48}"
         )
     print(
-        "\nof matmul: the training step's FLOP rate / the fp32 matmul rate. conv time: share of the "
-        "step spent in convolutions and matmuls; conv rate: their own FLOP rate / the matmul rate. "
+        "\nof matmul: the training step's FLOP rate / the matmul rate in the step's precision (float32 "
+        "on a CPU, float16 on CUDA). conv time (CPU only): share of the step spent in convolutions "
+        "and matmuls; conv rate: their own FLOP rate / the matmul rate. "
         "other layout: how much faster (+) the step is in the memory layout the example does not "
         "use. peak: MiB a training step adds at its peak (CPU: resident memory, which memory the "
         "process freed earlier and reuses can understate); no AMP: the same in float32 (CUDA); "

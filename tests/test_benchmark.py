@@ -148,7 +148,10 @@ def test_benchmark_runs_end_to_end_on_a_tiny_configuration(isolated, tmp_path):
     assert row["fraction_of_matmul"] == pytest.approx(row["gflops"] / row["matmul_gflops"])
     assert machine["matmul_gflops"] == row["matmul_gflops"]  # the median of one row
     assert row["train_images_per_second"] == pytest.approx(row["batch_size"] / row["step_seconds"])
-    assert 0 < row["conv_matmul_time_share"] <= 1
+    if bench.pick_device().type == "cpu":  # the operator-time breakdown is measured on the CPU only
+        assert 0 < row["conv_matmul_time_share"] <= 1
+    else:
+        assert row["conv_matmul_time_share"] is None and row["conv_matmul_fraction_of_matmul"] is None
     assert 0 <= row["data_wait_share"] < 1 and row["data_seconds_per_batch"] > 0
     assert row["inference_ms_per_image"] > 0
     for value in row["peak_memory_mib"].values():

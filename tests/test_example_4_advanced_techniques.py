@@ -483,7 +483,7 @@ def test_main_quick_end_to_end_writes_only_under_tmp_path(mod, isolated, tmp_pat
     for row in saved["ablation"]:
         assert set(row) >= {"name", "miou", "boundary", "seconds"}
         assert 0.0 <= row["miou"] <= 1.0 and 0.0 <= row["boundary"] <= 1.0
-    assert saved["total_seconds"] > 0 and saved["device"] == "cpu"
+    assert saved["total_seconds"] > 0 and saved["device"] == str(mod.pick_device(mod.DEVICE))
     assert saved["export"]["max_abs_diff"] < 1e-4
     assert metrics["ablation"] == saved["ablation"]
     for name in (
