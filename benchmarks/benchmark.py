@@ -198,7 +198,7 @@ def example_2(architecture: str) -> Example:
         lambda m, logits, masks: F.cross_entropy(logits, masks, ignore_index=m.IGNORE_INDEX),
         train_loader,
         lambda d: next(
-            dict(metric=f"test mIoU ({run['model']})", value=run["miou"], seconds=run["train_seconds"])
+            dict(metric="test mIoU (training time)", value=run["miou"], seconds=run["train_seconds"])
             for run in d["runs"]
             if run["architecture"] == architecture
         ),
@@ -507,7 +507,7 @@ def memory_in_subprocess(key: str, index: int, tiny: bool, overrides: dict, grad
 def read_headline(ex: Example) -> dict | None:
     """{"metric", "value", "seconds"} of the example's last run, if it wrote outputs/metrics.json.
 
-    Run the example with its defaults first: a --quick run of Examples 2-4 writes there too.
+    Run the example with its defaults first (a --quick run writes to outputs/quick/ instead).
 
     The seconds are the whole run's (data, training, evaluation, figures), or the model's own
     training where one run trains several models (Example 2).
@@ -610,9 +610,11 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def percent(value) -> str:
-    """A share as a percentage: whole numbers, one decimal below 10% (a GPU runs these small
+    """A share as a percentage with two significant digits below 10% (a GPU runs these small
     models at a fraction of a percent of its matmul rate), "-" for None."""
-    return fmt(value, ".0%" if value is None or value >= 0.1 else ".1%")
+    if value is None or value >= 0.1:
+        return fmt(value, ".0%")
+    return format(value, ".1%" if value >= 0.01 else ".2%")
 
 
 def print_table(rows: list[dict], machine: dict) -> None:

@@ -26,13 +26,15 @@ Change a hyperparameter in the block at the top of the file and run again.
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 152 s (16 epochs) and ended with::
+On a 2-core CPU (no GPU) the default run took 165 s (16 epochs) and ended with::
 
     test split             U-Net  all background
     IoU background         0.991           0.829
-    IoU object             0.958           0.000
-    foreground IoU         0.958           0.000
-    pixel accuracy         0.993           0.829
+    IoU object             0.956           0.000
+    foreground IoU         0.956           0.000
+    pixel accuracy         0.992           0.829
+
+On an NVIDIA H200 the same run took 57 s (test foreground IoU 0.957).
 
 The all-background "model" scores 0.829 pixel accuracy and finds nothing: that is why we use IoU.
 
@@ -585,7 +587,7 @@ def fit(model, loaders, device, checkpoint_path: Path) -> list[dict]:
     """Train with validation every epoch, early stopping and a best checkpoint; returns the history."""
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)  # takes logits, applies log-softmax
     # fused=True: one kernel updates all weights at once instead of ~10 small operations per
-    # weight tensor (same maths; 5-10% faster training steps here). CPU and CUDA have it.
+    # weight tensor (same maths; about 5% faster training steps here). CPU and CUDA have it.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=device.type in ("cpu", "cuda")
     )

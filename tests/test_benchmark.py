@@ -112,7 +112,7 @@ def test_headline_metrics_are_read_from_each_examples_metrics_json(tmp_path, mon
     ]
     write(deeplab, {"runs": runs})
     assert bench.read_headline(deeplab)["value"] == 0.5
-    assert bench.read_headline(fpn) == dict(metric="test mIoU (fpn_resnet18)", value=0.9, seconds=150.0)
+    assert bench.read_headline(fpn) == dict(metric="test mIoU (training time)", value=0.9, seconds=150.0)
     ablation = [  # the final pipeline is the last row kept (training rows have no "kept")
         dict(name="baseline", miou=0.4),
         dict(name="+ TTA", miou=0.8, kept=True),

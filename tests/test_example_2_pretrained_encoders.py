@@ -419,7 +419,7 @@ def test_two_torchrun_processes_give_the_single_process_confusion_matrix(isolate
 def test_main_quick_end_to_end_then_predict(mod, isolated, tmp_path):
     isolated(mod, PRETRAINED=False, DEVICE="cpu")  # hermetic: no weight download, same device everywhere
     metrics = mod.main(["--quick"])
-    out = tmp_path / "outputs"
+    out = tmp_path / "outputs" / "quick"  # a set-up check never touches a real run's files
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert saved["dataset"] == "synthetic" and saved["pretrained"] is False

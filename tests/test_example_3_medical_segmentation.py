@@ -419,7 +419,7 @@ def test_main_quick_end_to_end_then_predict(isolated, tmp_path):
     script_outputs = mod.Path(mod.__file__).resolve().parent / "outputs"
     before = sorted(script_outputs.rglob("*")) if script_outputs.exists() else None
     metrics = mod.main(["--quick"])
-    out = tmp_path / "outputs"
+    out = tmp_path / "outputs" / "quick"  # a set-up check never touches a real run's files
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("organ", "lesion"):
         assert 0.0 <= saved["test"]["dice"][key] <= 1.0

@@ -475,7 +475,7 @@ def test_main_quick_end_to_end_writes_only_under_tmp_path(mod, isolated, tmp_pat
     script_dir = Path(mod.__file__).parent
     before = snapshot(script_dir)
     metrics = mod.main(["--quick"])
-    out = tmp_path / "outputs"
+    out = tmp_path / "outputs" / "quick"  # a set-up check never touches a real run's files
     assert snapshot(script_dir) == before  # nothing written beside the script
     saved = json.loads((out / "metrics.json").read_text())
     names = [row["name"] for row in saved["ablation"]]
