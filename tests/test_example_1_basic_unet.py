@@ -125,6 +125,26 @@ def test_augmentation_moves_the_mask_with_the_image():
     assert np.mean(unpaired) < 0.8  # the check above can tell moved from unmoved masks
 
 
+def test_random_dihedral_draws_all_8_symmetries_of_the_square_evenly_and_paired():
+    image = torch.arange(3 * 5 * 5, dtype=torch.float32).reshape(3, 5, 5)  # no symmetry of its own
+    mask = torch.arange(5 * 5).reshape(5, 5)
+    # the 8 symmetries built another way: optional transpose, then optional flips of rows / columns
+    def symmetry(x, k):
+        x = x.transpose(-2, -1) if k & 4 else x
+        x = x.flip(-1) if k & 1 else x
+        return x.flip(-2) if k & 2 else x
+
+    counts = [0] * 8
+    torch.manual_seed(0)
+    for _ in range(400):
+        out_image, out_mask = ex1.RandomDihedral()(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert type(out_image) is tv_tensors.Image and type(out_mask) is tv_tensors.Mask
+        (k,) = [k for k in range(8) if torch.equal(out_image, symmetry(image, k))]
+        assert torch.equal(out_mask, symmetry(mask, k))  # the same move for the mask
+        counts[k] += 1
+    assert min(counts) >= 30 and max(counts) <= 75  # each about 400 / 8 = 50 times
+
+
 def test_standardize_gives_zero_mean_unit_variance_and_ignores_brightness():
     image = torch.rand(2, 3, 16, 16)
     out = ex1.standardize(image)
