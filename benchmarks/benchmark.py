@@ -198,7 +198,7 @@ def example_2(architecture: str) -> Example:
         lambda m, logits, masks: F.cross_entropy(logits, masks, ignore_index=m.IGNORE_INDEX),
         train_loader,
         lambda d: next(
-            dict(metric="test mIoU (training time)", value=run["miou"], seconds=run["train_seconds"])
+            dict(metric="test mIoU", value=run["miou"], seconds=run["train_seconds"], timed="training")
             for run in d["runs"]
             if run["architecture"] == architecture
         ),
@@ -230,7 +230,9 @@ EXAMPLES = {
             lambda m: 3,
             lambda m, logits, masks: F.cross_entropy(logits, masks, ignore_index=m.IGNORE_INDEX),
             lambda m: m.build_loaders(m.SEED)["train"],
-            lambda d: dict(metric="test foreground IoU", value=d["test"]["foreground_iou"], seconds=d["total_seconds"]),
+            lambda d: dict(
+                metric="test foreground IoU", value=d["test"]["foreground_iou"], seconds=d["total_seconds"], timed="run"
+            ),
         )
     ],
     "2": [example_2("deeplabv3"), example_2("fpn")],
@@ -244,7 +246,9 @@ EXAMPLES = {
                 logits, masks
             ),
             example_3_loader,
-            lambda d: dict(metric="test lesion Dice", value=d["test"]["dice"]["lesion"], seconds=d["total_seconds"]),
+            lambda d: dict(
+                metric="test lesion Dice", value=d["test"]["dice"]["lesion"], seconds=d["total_seconds"], timed="run"
+            ),
         )
     ],
     "4": [
@@ -260,6 +264,7 @@ EXAMPLES = {
                 metric="test mIoU, final pipeline",
                 value=[row for row in d["ablation"] if row.get("kept", True)][-1]["miou"],
                 seconds=d["total_seconds"],
+                timed="run",
             ),
         )
     ],
@@ -505,12 +510,13 @@ def memory_in_subprocess(key: str, index: int, tiny: bool, overrides: dict, grad
 
 
 def read_headline(ex: Example) -> dict | None:
-    """{"metric", "value", "seconds"} of the example's last run, if it wrote outputs/metrics.json.
+    """{"metric", "value", "seconds", "timed"} of the example's last run, if it wrote
+    outputs/metrics.json.
 
     Run the example with its defaults first (a --quick run writes to outputs/quick/ instead).
 
-    The seconds are the whole run's (data, training, evaluation, figures), or the model's own
-    training where one run trains several models (Example 2).
+    The seconds are the whole run's (timed "run": data, training, evaluation, figures), or the
+    model's own training where one run trains several models (timed "training": Example 2).
     """
     path = ROOT / Path(ex.script).parent / "outputs" / "metrics.json"
     if not path.is_file():
@@ -610,8 +616,8 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def percent(value) -> str:
-    """A share as a percentage with two significant digits below 10% (a GPU runs these small
-    models at a fraction of a percent of its matmul rate), "-" for None."""
+    """A share as a percentage: whole numbers from 10%, one decimal from 1%, two below (a GPU
+    runs these small models at a fraction of a percent of its matmul rate); "-" for None."""
     if value is None or value >= 0.1:
         return fmt(value, ".0%")
     return format(value, ".1%" if value >= 0.01 else ".2%")
@@ -639,15 +645,17 @@ def print_table(rows: list[dict], machine: dict) -> None:
         )
     header = (
         f"{'example':<13}{'peak MiB':>9}{'ckpt':>7}{'no AMP':>7}{'activations MiB':>16}{'ckpt':>7}"
-        f"{'data wait':>10}{'headline metric (outputs/metrics.json)':>48}"
+        f"{'data wait':>10}{'headline metric (outputs/metrics.json)':>50}"
     )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         peak, act, headline = r["peak_memory_mib"], r["activation_mib"], r["headline"]
-        shown = "-" if headline is None else f"{headline['metric']} {headline['value']:.3f} in {headline['seconds']:.0f} s"
+        shown = "-" if headline is None else (
+            f"{headline['metric']} {headline['value']:.3f}, {headline['timed']} {headline['seconds']:.0f} s"
+        )
         print(
             f"{r['example']:<13}{fmt(peak['plain'], '.0f'):>9}{fmt(peak['checkpointing'], '.0f'):>7}"
-            f"{fmt(peak.get('plain_fp32'), '.0f'):>7}{act['plain']:>16.1f}{act['checkpointing']:>7.1f}{r['data_wait_share']:>10.0%}{shown:>48}"
+            f"{fmt(peak.get('plain_fp32'), '.0f'):>7}{act['plain']:>16.1f}{act['checkpointing']:>7.1f}{r['data_wait_share']:>10.0%}{shown:>50}"
         )
     print(
         "\nof matmul: the training step's FLOP rate / the matmul rate in the step's precision (float32 "

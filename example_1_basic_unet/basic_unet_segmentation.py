@@ -128,9 +128,10 @@ def memory_format(device: torch.device) -> torch.memory_format:
     """How image-like tensors are laid out in memory: channels-last on CUDA, the default elsewhere.
 
     channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
-    order in which NVIDIA's tensor cores convolve fastest, above all in mixed precision. On a
-    2-core CPU it changed this U-Net's training step by only 2-6% (benchmarks/benchmark.py
-    measures both layouts), so there we keep the default layout.
+    order in which NVIDIA's tensor cores convolve fastest, above all in mixed precision (on an
+    H200 this U-Net's training step was 10% faster in it). On a 2-core CPU it changed the step by
+    -1% to +24% from run to run (7% faster when we alternated the two): a small, unsteady gain,
+    so there we keep the default layout. benchmarks/benchmark.py measures both layouts.
     """
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
@@ -546,8 +547,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
             )
         optimizer.zero_grad(set_to_none=True)  # drop old gradients instead of filling with zeros
         scaler.scale(loss).backward()  # the scaler keeps float16 gradients from underflowing
-        scaler.step(optimizer)  # skips the step if float16 gradients overflowed (then PyTorch
-        scaler.update()  # warns that the scheduler stepped first: harmless, ignore it)
+        scaler.step(optimizer)  # no update where float16 gradients overflowed (inf or NaN)
+        scaler.update()  # adapts the scale: smaller after an overflow, larger after good steps
         scheduler.step()  # the learning rate follows its schedule batch by batch
         total += loss.item() * len(images)
         count += len(images)
@@ -782,7 +783,7 @@ def predict_image(image_path: Path, checkpoint_path: Path, device: torch.device)
     if not checkpoint_path.is_file():
         raise SystemExit(
             f"error: no trained model at {checkpoint_path}; "
-            "train one first: python basic_unet_segmentation.py (or --quick)"
+            "train one first: python basic_unet_segmentation.py (a --quick run's model: --quick --predict)"
         )
     model, checkpoint = load_model(checkpoint_path, device)
     size = checkpoint["image_size"]

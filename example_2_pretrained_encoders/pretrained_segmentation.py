@@ -16,7 +16,7 @@ What you will learn
 
 How to run (from this folder)
 -----------------------------
-    python pretrained_segmentation.py                      # DeepLabV3 vs FPN, about 8 min on a 2-core CPU
+    python pretrained_segmentation.py                      # DeepLabV3 vs FPN, about 6-7 min on a 2-core CPU
     python pretrained_segmentation.py --quick              # tiny set-up check, into outputs/quick/
     python pretrained_segmentation.py --predict my_image.png   # segment your own image with the best model
     torchrun --nproc_per_node=2 pretrained_segmentation.py # the same training in 2 processes (DDP)
@@ -189,9 +189,10 @@ def memory_format(device: torch.device) -> torch.memory_format:
     """How image-like tensors are laid out in memory: channels-last on CUDA, the default elsewhere.
 
     channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
-    order in which NVIDIA's tensor cores convolve fastest, above all in mixed precision. On a
-    2-core CPU a ResNet-18 training step was within 6% either way (benchmarks/benchmark.py
-    measures both layouts), so there we keep the default layout.
+    order in which NVIDIA's tensor cores convolve fastest, above all in mixed precision (on an
+    H200 our training steps were 13-25% faster in it). On a 2-core CPU a ResNet-18 training step
+    changed by -12% to +9% from run to run, so there we keep the default layout.
+    benchmarks/benchmark.py measures both layouts.
     """
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
@@ -1156,7 +1157,8 @@ def predict(image_path: str) -> dict:
     checkpoint_path = OUTPUT_DIR / "best_model.pt"
     if not checkpoint_path.is_file():
         raise SystemExit(
-            f"error: no trained model at {checkpoint_path}; run `python {Path(__file__).name}` first"
+            f"error: no trained model at {checkpoint_path}; run `python {Path(__file__).name}` first "
+            "(a --quick run's model: --quick --predict)"
         )
     image = load_image(Path(image_path))
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)

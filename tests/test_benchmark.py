@@ -105,14 +105,14 @@ def test_headline_metrics_are_read_from_each_examples_metrics_json(tmp_path, mon
     one, (deeplab, fpn), four = bench.EXAMPLES["1"][0], bench.EXAMPLES["2"], bench.EXAMPLES["4"][0]
     assert bench.read_headline(one) is None  # no run yet
     write(one, {"test": {"foreground_iou": 0.9}, "total_seconds": 170.0})
-    assert bench.read_headline(one) == dict(metric="test foreground IoU", value=0.9, seconds=170.0)
+    assert bench.read_headline(one) == dict(metric="test foreground IoU", value=0.9, seconds=170.0, timed="run")
     runs = [
         dict(model="deeplabv3_resnet18", architecture="deeplabv3", miou=0.5, train_seconds=280.0),
         dict(model="fpn_resnet18", architecture="fpn", miou=0.9, train_seconds=150.0),
     ]
     write(deeplab, {"runs": runs})
     assert bench.read_headline(deeplab)["value"] == 0.5
-    assert bench.read_headline(fpn) == dict(metric="test mIoU (training time)", value=0.9, seconds=150.0)
+    assert bench.read_headline(fpn) == dict(metric="test mIoU", value=0.9, seconds=150.0, timed="training")
     ablation = [  # the final pipeline is the last row kept (training rows have no "kept")
         dict(name="baseline", miou=0.4),
         dict(name="+ TTA", miou=0.8, kept=True),

@@ -440,6 +440,8 @@ def test_main_quick_end_to_end_then_predict(mod, isolated, tmp_path):
 
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(photo)
+    # main(["--quick"]) set OUTPUT_DIR to outputs/quick/ for the rest of this test (isolated()
+    # restores it): --predict now finds the quick model, as `--quick --predict` does in a shell
     result = mod.main(["--predict", str(photo)])
     mask = Image.open(result["mask"])
     assert mask.mode == "P" and mask.size == (70, 50)

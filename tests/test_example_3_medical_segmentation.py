@@ -439,6 +439,8 @@ def test_main_quick_end_to_end_then_predict(isolated, tmp_path):
         "example_slice.png",
     ):
         assert (out / name).is_file(), name
+    # main(["--quick"]) set OUTPUT_DIR to outputs/quick/ for the rest of this test (isolated()
+    # restores it): --predict now finds the quick model, as `--quick --predict` does in a shell
     result = mod.main(["--predict", str(out / "example_slice.png")])
     assert mod.Path(result["overlay"]).is_file() and mod.Path(result["overlay"]).parent == out
     after = sorted(script_outputs.rglob("*")) if script_outputs.exists() else None

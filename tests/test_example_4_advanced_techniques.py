@@ -466,6 +466,19 @@ def test_exported_model_matches_eager(mod, tmp_path):
     assert result["labels_agree"] == 1.0
 
 
+def test_a_failing_export_is_reported_and_leaves_no_stale_program(mod, tmp_path, monkeypatch):
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"an earlier run's program")
+
+    def failing_export(model, example, path):
+        raise RuntimeError("Constraints violated (width)!\nmore detail")
+
+    monkeypatch.setattr(mod, "export_model", failing_export)
+    result = mod.check_export(mod.SegNet(width=8).eval(), torch.rand(2, 3, 32, 32), path)
+    assert result == {"error": "RuntimeError: Constraints violated (width)!"}
+    assert not path.exists()
+
+
 def snapshot(folder):
     return {p: p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
 
@@ -498,6 +511,8 @@ def test_main_quick_end_to_end_writes_only_under_tmp_path(mod, isolated, tmp_pat
     # --predict on an image the test writes, with the checkpoint just trained
     image = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "photo.png")
+    # main(["--quick"]) set OUTPUT_DIR to outputs/quick/ for the rest of this test (isolated()
+    # restores it): --predict now finds the quick model, as `--quick --predict` does in a shell
     result = mod.main(["--predict", str(tmp_path / "photo.png")])
     assert Path(result["segmentation"]).is_file()
     assert Image.open(result["segmentation"]).size == (100, 40)  # photo and labels side by side
