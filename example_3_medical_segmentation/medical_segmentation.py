@@ -34,7 +34,7 @@ with the same file stems, masks stored as 0/255 or as class indices).
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU, nothing else running) the default run took 83 s in total and printed
+On a 2-core CPU (no GPU) the default run took 83 s in total and printed
 (abridged; the full output is in README.md)::
 
     leakage check, lesion Dice of a copy-the-nearest-training-slice 'model': slice-level split 0.823 vs patient-level split 0.295
