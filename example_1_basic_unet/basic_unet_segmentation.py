@@ -26,7 +26,7 @@ Change a hyperparameter in the block at the top of the file and run again.
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 165 s (16 epochs) and ended with::
+On a 2-core CPU (no GPU) the default run took 170 s (16 epochs) and ended with::
 
     test split             U-Net  all background
     IoU background         0.991           0.829
@@ -246,8 +246,8 @@ class RandomDihedral(nn.Module):
 
     A square has 8 symmetries: 4 quarter turns, each with or without a mirror. One draw picks
     one of them; this gives exactly the statistics of random horizontal flip + random vertical
-    flip + random quarter turn, in one step instead of three (each v2 call costs ~0.1 ms of
-    Python overhead per image, and with NUM_WORKERS = 0 the training loop waits for it).
+    flip + random quarter turn, in one step instead of three: about half the time per image
+    (each call is mostly Python overhead, and with NUM_WORKERS = 0 the training loop waits for it).
     A transform of your own can join a v2 pipeline as a plain module whose forward takes and
     returns (image, mask). Pixels only move: nothing is interpolated.
     """

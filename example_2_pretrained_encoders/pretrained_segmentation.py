@@ -27,11 +27,11 @@ built-in synthetic VOC-like dataset; without internet it trains the encoders fro
 What you should see
 -------------------
 The default run (`python pretrained_segmentation.py`) on a 2-core CPU (offline: synthetic data,
-encoders from random weights) took 377 s in total and ended with:
+encoders from random weights) took 391 s in total and ended with:
 
     model                              params  train s   mIoU  MS+flip  pix acc
-    deeplabv3_resnet18_scratch          13.3M      173  0.479    0.491    0.902
-    fpn_resnet18_scratch                12.5M      175  0.902    0.915    0.987
+    deeplabv3_resnet18_scratch          13.3M      181  0.479    0.491    0.902
+    fpn_resnet18_scratch                12.5M      178  0.902    0.915    0.987
 
 FPN, which predicts at stride 4, reaches test mIoU 0.902 (0.915 with multi-scale + flip);
 DeepLabV3's stride-16 map of a 64-pixel image is only 4 x 4, and it reaches 0.479 (0.491).
@@ -949,7 +949,7 @@ def make_optimizer(model: SegmentationModel, total_steps: int):
         ],
         weight_decay=WEIGHT_DECAY,
         # fused: one kernel updates all weights instead of ~10 small operations per weight tensor
-        # (same maths; the optimizer was 10-15% of a CPU training step). CPU and CUDA have it.
+        # (same maths; the optimizer was 10-16% of a CPU training step). CPU and CUDA have it.
         fused=next(model.parameters()).device.type in ("cpu", "cuda"),
     )
     poly = lambda step: max(0.0, 1 - step / total_steps) ** POLY_POWER  # noqa: E731

@@ -34,7 +34,7 @@ with the same file stems, masks stored as 0/255 or as class indices).
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 83 s in total and printed
+On a 2-core CPU (no GPU) the default run took 86 s in total and printed
 (abridged; the full output is in README.md)::
 
     leakage check, lesion Dice of a copy-the-nearest-training-slice 'model': slice-level split 0.823 vs patient-level split 0.295
@@ -48,7 +48,7 @@ On a 2-core CPU (no GPU) the default run took 83 s in total and printed
     test, out-of-domain scanner D (6 patients): mean +- std [bootstrap 95% CI]
       dice         organ 0.856 +- 0.011 [0.849, 0.865] | lesion 0.694 +- 0.088 [0.629, 0.756]
       lesions found 14/14 (lesion-wise sensitivity 1.00), false-positive lesions 24
-    test Dice organ 0.975 | lesion 0.945 | total 83 s | outputs in .../outputs
+    test Dice organ 0.975 | lesion 0.945 | total 86 s | outputs in .../outputs
 
 On an NVIDIA H200 the same run took 57 s (test Dice organ 0.973, lesion 0.941).
 

@@ -37,20 +37,20 @@ and the figures ``receptive_field.png``, ``attention_maps.png``, ``predictions.p
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 178 s in total and printed::
+On a 2-core CPU (no GPU) the default run took 159 s in total and printed::
 
     ablation                                     val mIoU test mIoU bound.F1 seconds  kept
-    baseline                                       0.4784    0.4735   0.5541    25.0
-    + attention                                    0.5239    0.5199   0.6028    29.2
-    + mixed loss with OHEM                         0.7977    0.7897   0.9598    36.7
-    + multi-scale training                         0.6920    0.6815   0.8780    51.0
-    + TTA: flips and rotations                     0.8183    0.8104   0.9652     1.4  yes
-    + multi-scale inference (0.75, 1.0, 1.25)      0.6984    0.6958   0.8329     5.2  no: lower val mIoU
-    + dense CRF                                    0.8301    0.8253   0.9579     1.9  yes
-    + morphology                                   0.8188    0.8146   0.9425     0.2  no: lower val mIoU
-    gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), step time +32%
-    export: max |eager - exported| 0.00e+00 (other size 0.00e+00), 6.5 ms/image eager, 7.8 ms/image exported
-    CRF 500x375, 21 labels, 5 iterations, pydensecrf default parameters: 0.41 s first call, 0.32 s with the smoothness lattice cached (C++ reference ~0.3 s)
+    baseline                                       0.4784    0.4735   0.5541    23.5
+    + attention                                    0.5239    0.5199   0.6028    26.7
+    + mixed loss with OHEM                         0.7977    0.7897   0.9598    32.6
+    + multi-scale training                         0.6920    0.6815   0.8780    44.6
+    + TTA: flips and rotations                     0.8183    0.8104   0.9652     1.7  yes
+    + multi-scale inference (0.75, 1.0, 1.25)      0.6984    0.6958   0.8329     4.1  no: lower val mIoU
+    + dense CRF                                    0.8301    0.8253   0.9579     1.7  yes
+    + morphology                                   0.8188    0.8146   0.9425     0.3  no: lower val mIoU
+    gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), step time +33%
+    export: max |eager - exported| 0.00e+00 (other size 0.00e+00), 5.1 ms/image eager, 5.1 ms/image exported
+    CRF 500x375, 21 labels, 5 iterations, pydensecrf default parameters: 0.34 s first call, 0.26 s with the smoothness lattice cached (C++ reference ~0.3 s)
     lattice vs exact CRF on a 64x64 image: labels agree on 99.93% of pixels, mean |dQ| 0.0005
 
 On an NVIDIA H200 the same run took 74 s (final test mIoU 0.826).
@@ -60,7 +60,7 @@ The inference rows are built on row 3 (the best validation mIoU). What helps her
 flips and rotations at test time (+2.1), the tuned dense CRF (+1.5). What does not: multi-scale
 training and multi-scale inference (rescaling changes the tiles' stripe frequency, which is how
 tiles are recognised: tile IoU falls from 0.75 to 0.14 with multi-scale inference) and
-morphology. Our CRF takes 0.27-0.32 s against the C++ reference's ~0.3 s (0.1 s of it is building the
+morphology. Our CRF takes 0.26-0.32 s against the C++ reference's ~0.3 s (0.1 s of it is building the
 appearance lattice).
 
 References

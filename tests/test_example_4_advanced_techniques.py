@@ -508,11 +508,11 @@ def test_main_quick_end_to_end_writes_only_under_tmp_path(mod, isolated, tmp_pat
         "ablation.png",
     ):
         assert (out / name).is_file(), name
-    # --predict on an image the test writes, with the checkpoint just trained
+    # --predict on an image the test writes, with the checkpoint just trained: main(["--quick"])
+    # set OUTPUT_DIR to outputs/quick/ for the rest of this test (isolated() restores it), so
+    # --predict finds the quick model there, as `--quick --predict` does in a shell
     image = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "photo.png")
-    # main(["--quick"]) set OUTPUT_DIR to outputs/quick/ for the rest of this test (isolated()
-    # restores it): --predict now finds the quick model, as `--quick --predict` does in a shell
     result = mod.main(["--predict", str(tmp_path / "photo.png")])
     assert Path(result["segmentation"]).is_file()
     assert Image.open(result["segmentation"]).size == (100, 40)  # photo and labels side by side
