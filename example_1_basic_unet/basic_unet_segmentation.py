@@ -78,7 +78,7 @@ NUM_IMAGES = 1400  # split 70/15/15 into train / val / test (980 / 210 / 210)
 MAX_SHAPES = 3  # each image holds 1..MAX_SHAPES shapes, which may overlap
 NOISE_STD = (0.02, 0.08)  # per-image Gaussian pixel noise, drawn from this range
 MIN_CONTRAST = 0.3  # least RGB distance from a shape to any background colour (0: shapes may
-# vanish; keep it below 0.8: no colour is farther than ~0.82 from a grey background)
+# vanish; keep it below 0.8: no colour is farther than sqrt(3)/2 ~ 0.87 from mid-grey)
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train / val / test
 AUGMENT = True  # paired flips, quarter turns and small affine warps (train split only)
 AFFINE_PROBABILITY = 0.3  # share of images warped: the warp is the slowest step (~1 ms an image)

@@ -125,6 +125,22 @@ def test_augmentation_moves_the_mask_with_the_image():
     assert np.mean(unpaired) < 0.8  # the check above can tell moved from unmoved masks
 
 
+def test_affine_warp_resamples_the_image_with_nearest_too(isolated):
+    # Every output pixel must be a copy of some input pixel (or the 0 fill of uncovered corners):
+    # a bilinear warp would blend neighbours into thousands of values the image never had.
+    isolated(ex1, AFFINE_PROBABILITY=1.0)
+    torch.manual_seed(0)
+    image = torch.rand(3, 32, 32)  # all 3 * 32 * 32 values distinct (almost surely)
+    mask = (torch.rand(32, 32) > 0.5).long()
+    allowed = set(image.flatten().tolist()) | {0.0}
+    transform = ex1.build_train_transform()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out_image, _ = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        new_values = set(out_image.flatten().tolist()) - allowed
+        assert not new_values, f"{len(new_values)} interpolated values after the warp"
+
+
 def test_random_dihedral_draws_all_8_symmetries_of_the_square_evenly_and_paired():
     image = torch.arange(3 * 5 * 5, dtype=torch.float32).reshape(3, 5, 5)  # no symmetry of its own
     mask = torch.arange(5 * 5).reshape(5, 5)
@@ -247,6 +263,30 @@ def _tiny_loaders(isolated):
     return ex1.build_loaders(seed=0)
 
 
+def test_evaluate_uses_the_learned_batchnorm_statistics_and_leaves_them_alone(isolated):
+    # A model left in training mode (as train_one_epoch leaves it) must still be evaluated with
+    # its running statistics: evaluate() switches to eval mode itself, and a second call gives
+    # the same numbers because nothing in BatchNorm moved.
+    loaders = _tiny_loaders(isolated)
+    torch.manual_seed(0)
+    model = ex1.UNet(**ex1.model_config())
+    for module in model.modules():  # learned statistics far from a batch's own
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1.0, 1.0)
+            module.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=ex1.IGNORE_INDEX)
+    model.train()
+    loss, confusion = ex1.evaluate(model, loaders["val"], loss_fn, torch.device("cpu"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed during evaluation"
+    # the same loss computed independently, in eval mode
+    model.eval()
+    with torch.no_grad():
+        total = sum(loss_fn(model(x), y).item() * len(x) for x, y in loaders["val"])
+    assert loss == pytest.approx(total / len(loaders["val"].dataset), rel=1e-5)
+
+
 def test_nan_loss_stops_with_a_clear_message(isolated):
     loaders = _tiny_loaders(isolated)
 
@@ -341,6 +381,39 @@ def test_read_image_handles_16_bit_grayscale_and_rgba(tmp_path):
     Image.new("RGBA", (8, 6), (255, 0, 0, 128)).save(tmp_path / "alpha.png")
     rgba = ex1.read_image(tmp_path / "alpha.png")
     assert rgba.shape == (6, 8, 3) and np.allclose(rgba[0, 0], [1.0, 0.0, 0.0])
+
+
+def test_predict_matches_the_model_on_a_training_sized_image_whatever_its_brightness(
+    isolated, tmp_path
+):
+    # --predict must prepare a photo exactly as training did (standardize per image) and hand
+    # back the model's own argmax at the training size; a darker, flatter copy of the photo then
+    # gives the same segmentation, because standardization removes brightness and contrast.
+    isolated(ex1, IMAGE_SIZE=32, DEPTH=2, BASE_CHANNELS=4)
+    torch.manual_seed(0)
+    model = ex1.UNet(**ex1.model_config()).eval()
+    image, _ = ex1.generate_sample(0, 3, 32)  # (3, 32, 32) in [0, 1]
+    inputs = ex1.standardize(torch.from_numpy(image))[None]  # (1, 3, 32, 32)
+    with torch.no_grad():  # shift the classifier's bias so that the untrained model splits the
+        logits = model(inputs)  # image about half and half: a segmentation worth comparing
+        model.outc.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+        expected = model(inputs).argmax(1)[0]  # (32, 32)
+    assert 0.2 < expected.float().mean() < 0.8
+    checkpoint = tmp_path / "model.pt"
+    ex1.save_checkpoint(
+        dict(model_state=model.state_dict(), config=ex1.model_config(), image_size=32), checkpoint
+    )
+    overlays = []
+    for name, pixels in (("photo", image), ("dark", 0.4 * image + 0.1)):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+        overlay = np.asarray(Image.open(ex1.predict_image(path, checkpoint, torch.device("cpu"))))
+        original = np.asarray(Image.open(path))
+        overlays.append(np.any(overlay != original, axis=-1))  # (32, 32): tinted = "object"
+    assert overlays[0].shape == (32, 32)
+    # the PNG's 8-bit rounding can flip a pixel or two whose two logits are nearly equal
+    assert (overlays[0] == (expected == 1).numpy()).mean() > 0.99
+    assert (overlays[0] == overlays[1]).mean() > 0.98
 
 
 def test_predict_without_checkpoint_or_file_gives_clear_errors(isolated, tmp_path):
