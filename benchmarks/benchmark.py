@@ -255,7 +255,9 @@ EXAMPLES = {
         Example(
             "4",
             "example_4_advanced_techniques/advanced_segmentation.py",
-            lambda m, grad_checkpoint: m.SegNet(**dict(m.model_config(attention=True), grad_checkpoint=grad_checkpoint)),
+            lambda m, checkpointing: m.DilatedAttentionNet(
+                **dict(m.model_config(True, True), grad_checkpoint=checkpointing)
+            ),  # CBAM and position attention: the final model's network
             lambda m: len(m.CLASS_NAMES),
             lambda m: 3,
             example_4_loss,

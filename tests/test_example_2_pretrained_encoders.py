@@ -75,10 +75,10 @@ def test_voc_palette_matches_the_official_colours(mod):
 
 
 def test_voc_loader_reads_a_tiny_vocdevkit(mod, isolated, tmp_path):
-    isolated(mod, DATA_ROOT=tmp_path, DATASET="voc", VAL_FRACTION=0.34, IMAGE_SIZE=24)
+    isolated(mod, DATA_ROOT=tmp_path, DATASET="voc", VAL_FRACTION=0.34, CROP_SIZE=24)
     written = write_tiny_vocdevkit(tmp_path, mod.voc_palette())
-    datasets, name = mod.load_datasets()
-    assert name == "voc"
+    datasets, source = mod.load_datasets()
+    assert source["dataset"] == "voc" and source["real"] and len(source["classes"]) == 21
     assert (len(datasets["train"]), len(datasets["val"]), len(datasets["test"])) == (2, 1, 2)
 
     # test split = VOC val, untransformed: exactly the files' pixels and class ids
@@ -194,7 +194,9 @@ def test_hand_dilation_keeps_resnet18_weights_shapes_and_dilates_layer4(mod):
 
 @pytest.mark.parametrize("output_stride, rates", [(16, (6, 12, 18)), (8, (12, 24, 36))])
 def test_aspp_branch_dilations_and_output_shape(mod, output_stride, rates):
-    head = mod.DeepLabV3Head({"c5": 64}, num_classes=21, output_stride=output_stride, width=16)
+    # "auto" rates give back the paper's at the paper's 513-px crops
+    assert mod.fitted_aspp_rates(513, output_stride) == rates
+    head = mod.DeepLabV3Head({"c5": 64}, num_classes=21, rates=rates, width=16)
     convs = [branch[0] for branch in head.aspp.branches]
     assert [conv.kernel_size for conv in convs] == [(1, 1), (3, 3), (3, 3), (3, 3)]
     assert [conv.dilation[0] for conv in convs] == [1, *rates]
@@ -203,8 +205,11 @@ def test_aspp_branch_dilations_and_output_shape(mod, output_stride, rates):
     with torch.no_grad():
         assert head.aspp.eval()(torch.randn(2, 64, 7, 9)).shape == (2, 16, 7, 9)
         assert head.eval()({"c5": torch.randn(2, 64, 7, 9)}).shape == (2, 21, 7, 9)
-    model = mod.build_model("deeplabv3", "resnet18", 21, pretrained=False, output_stride=output_stride)
+    model = mod.build_model(
+        "deeplabv3", "resnet18", 21, pretrained=False, output_stride=output_stride, crop=513
+    )
     assert [branch[0].dilation[0] for branch in model.decoder.aspp.branches] == [1, *rates]
+    assert model.config["aspp_rates"] == rates  # stored: --predict rebuilds the same network
 
 
 def test_fpn_head_outputs_stride_4_logits(mod):
@@ -272,9 +277,9 @@ def test_failing_voc_download_falls_back_to_synthetic_with_one_line(
     isolated(
         mod, DATA_ROOT=tmp_path / "data", DOWNLOAD_VOC=True, SYNTHETIC_SPLIT_SIZES=(4, 2, 3), IMAGE_SIZE=32
     )
-    datasets, name = mod.load_datasets()
+    datasets, source = mod.load_datasets()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert name == "synthetic"
+    assert source["dataset"] == "synthetic"
     assert len(lines) == 1
     assert "download failed" in lines[0] and "URLError" in lines[0]  # what failed
     assert str(tmp_path / "data" / "VOCdevkit" / "VOC2012") in lines[0]  # where to put the data
@@ -453,6 +458,392 @@ def test_main_quick_end_to_end_then_predict(mod, isolated, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(SystemExit, match="^error: .*is not an image"):
         mod.main(["--predict", str(tmp_path / "notes.png")])
+
+
+# ----------------------------------------------------------------------------------------------
+# your own data: "folder" and VOC-format folders (issue 11), made in tmp_path
+# ----------------------------------------------------------------------------------------------
+
+BLOCK_COLOURS = {0: (40, 40, 40), 1: (220, 40, 40), 2: (40, 60, 220)}  # class -> RGB
+
+
+def block_scene(rng, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A photo-like stand-in: 16-px blocks of 3 classes, each its own colour plus noise; labels."""
+    blocks = rng.integers(0, 3, (height // 16 + 1, width // 16 + 1))
+    labels = np.kron(blocks, np.ones((16, 16), dtype=np.int64))[:height, :width]
+    colours = np.array([BLOCK_COLOURS[c] for c in range(3)], dtype=np.float64)
+    image = colours[labels] + rng.normal(0, 12, (height, width, 3))
+    labels[:2, :2] = 255  # a few unlabelled pixels, like VOC's outlines
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+def write_folder(root: Path, count: int, seed: int = 0, palette_every: int = 2, sizes=None) -> list:
+    """root/images/*.png + root/masks/*.png (every palette_every-th mask a palette PNG)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = []
+    for index in range(count):
+        default = (40 + 4 * (index % 3), 48 + 6 * (index % 2))
+        height, width = sizes[index % len(sizes)] if sizes else default
+        image, labels = block_scene(rng, height, width)
+        Image.fromarray(image).save(root / "images" / f"img{seed}_{index:03d}.png")
+        mask = Image.fromarray(labels.astype(np.uint8), mode="L")
+        if index % palette_every == 1:  # a VOC-style palette PNG: the values are still the indices
+            mask = mask.convert("P")
+            mask.putpalette(load_script(SCRIPT).voc_palette().flatten().tolist())
+        mask.save(root / "masks" / f"img{seed}_{index:03d}.png")
+        written.append(labels)
+    return written
+
+
+def test_folder_layout_seeded_split_palette_and_index_masks_and_classes_txt(
+    mod, isolated, tmp_path
+):
+    root = tmp_path / "mine"
+    written = write_folder(root, 10)
+    isolated(mod, DATA_ROOT=root, DATASET="folder", SPLIT_FRACTIONS=(0.6, 0.2, 0.2))
+    datasets, source = mod.load_datasets()
+    assert source["dataset"] == "folder" and source["real"]
+    assert source["classes"] == ("class 0", "class 1", "class 2")  # no classes.txt: largest + 1
+    assert [len(datasets[s]) for s in ("train", "val", "test")] == [6, 2, 2]
+    stems = [sorted(p.stem for p, _ in datasets[s].pairs) for s in ("train", "val", "test")]
+    everything = [stem for split in stems for stem in split]
+    assert sorted(everything) == sorted(f"img0_{i:03d}" for i in range(10))  # a partition
+    again, _ = mod.load_datasets()
+    assert [p for p, _ in again["val"].pairs] == [p for p, _ in datasets["val"].pairs]  # seeded
+    for image_path, mask_path in datasets["test"].pairs:  # whole images, exact labels
+        index = int(image_path.stem.split("_")[1])
+        image, mask = datasets["test"][datasets["test"].pairs.index((image_path, mask_path))]
+        assert torch.equal(mask, torch.from_numpy(written[index]))  # palette or index PNG alike
+        assert image.shape == (3, *written[index].shape) and image.dtype == torch.float32
+
+    (root / "classes.txt").write_text("road\nsky\ncar\nperson\n")  # fixes the number: 4
+    _, source = mod.load_datasets()
+    assert source["classes"] == ("road", "sky", "car", "person")
+    (root / "classes.txt").write_text("road\nsky\n")  # class 2 in the masks: one line naming it
+    with pytest.raises(SystemExit, match=r"^error: mask .*img0_\d+\.png has class values \[2\]"):
+        mod.load_datasets()
+
+
+def test_folder_with_official_splits_keeps_them_and_carves_a_missing_val(mod, isolated, tmp_path):
+    root = tmp_path / "official"
+    write_folder(root / "train", 6, seed=1)
+    write_folder(root / "test", 3, seed=2)
+    isolated(mod, DATA_ROOT=root, DATASET="folder", VAL_FRACTION=0.34)
+    datasets, _ = mod.load_datasets()
+    assert [len(datasets[s]) for s in ("train", "val", "test")] == [4, 2, 3]
+    assert all(p.parent.parent.name == "test" for p, _ in datasets["test"].pairs)  # untouched
+    assert all(p.parent.parent.name == "train" for p, _ in datasets["val"].pairs)  # from train
+    write_folder(root / "val", 2, seed=3)
+    datasets, _ = mod.load_datasets()
+    assert [len(datasets[s]) for s in ("train", "val", "test")] == [6, 2, 3]
+
+
+def test_bad_folders_and_masks_are_one_line_errors_naming_the_file(mod, isolated, tmp_path):
+    root = tmp_path / "bad"
+    write_folder(root, 3)
+    isolated(mod, DATA_ROOT=root, DATASET="folder")
+    wrong = root / "masks" / "img0_001.png"
+    Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(wrong)  # wrong size
+    with pytest.raises(SystemExit, match=r"^error: mask .*img0_001\.png is 12 x 10 but its image"):
+        mod.load_datasets()
+    Image.fromarray(np.full((44, 54), 255, np.uint8)).save(wrong)  # size fixed, all ignore
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    Image.fromarray(np.full((40, 48), 7, np.uint8)).save(root / "masks" / "img0_000.png")
+    with pytest.raises(SystemExit, match=r"^error: mask .*img0_000\.png has class values \[7\]"):
+        mod.load_datasets()
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(root / "masks" / "img0_000.png")  # RGB
+    with pytest.raises(SystemExit, match=r"^error: .*img0_000\.png is a colour image"):
+        mod.load_datasets()
+    (root / "masks" / "img0_000.png").unlink()
+    with pytest.raises(SystemExit, match=r"^error: no mask for .*img0_000\.png"):
+        mod.load_datasets()
+
+    empty = tmp_path / "empty"
+    write_folder(empty / "train", 2)
+    (empty / "test" / "images").mkdir(parents=True)  # an empty split
+    (empty / "test" / "masks").mkdir(parents=True)
+    isolated(mod, DATA_ROOT=empty, DATASET="folder")
+    with pytest.raises(SystemExit, match=r"^error: .*empty.test.images holds no images"):
+        mod.load_datasets()
+    isolated(mod, DATA_ROOT=tmp_path / "nothing", DATASET="folder")
+    with pytest.raises(SystemExit, match=r"^error: no folder .*nothing.images") as error:
+        mod.load_datasets()
+    assert "\n" not in str(error.value)
+
+
+def test_a_tiny_voc_format_folder_with_only_a_train_list_still_splits(mod, isolated, tmp_path):
+    write_tiny_vocdevkit(tmp_path, mod.voc_palette())
+    (tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    isolated(mod, DATA_ROOT=tmp_path, DATASET="voc", VAL_FRACTION=0.34)
+    datasets, source = mod.load_datasets()
+    assert source["dataset"] == "voc"
+    assert [len(datasets[s]) for s in ("train", "val", "test")] == [1, 1, 1]  # 3 images, 3 splits
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_folders_of_one_two_three_ragged_images_train_end_to_end(mod, isolated, tmp_path, count):
+    root = tmp_path / "few"
+    write_folder(root, count, sizes=[(37, 53), (44, 40), (50, 61)])
+    isolated(
+        mod, DATA_ROOT=root, DATASET="folder", PRETRAINED=False, DEVICE="cpu",
+        REAL_RUNS=(("deeplabv3", "resnet18"),),  # ASPP's image-pool BatchNorm needs batches >= 2
+        REAL_STEPS=2, REAL_VAL_EVERY=1, REAL_BATCH_SIZE=4, CROP_SIZE=32, REAL_SHORT_SIDE=None,
+        DECODER_CHANNELS=16, REAL_EVAL_SCALES=(1.0,), EVAL_FLIP=False,
+    )  # fmt: skip
+    metrics = mod.main([])
+    run = metrics["runs"][0]
+    assert metrics["dataset"] == "folder" and run["steps"] == 2
+    assert 0 <= run["val_miou"] <= 1 and 0 <= run["miou"] <= 1
+    # a split smaller than a batch still gives full batches (different crops of the same images)
+    images, masks = next(iter(mod.make_loader(mod.load_datasets()[0]["train"], True, batch_size=4)))
+    assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 32, 32)
+
+
+def test_main_on_a_tiny_folder_dataset_learns_and_reports_val_and_test(
+    mod, isolated, tmp_path, capsys
+):
+    root = tmp_path / "blocks"
+    write_folder(root, 12, seed=5)
+    (root / "classes.txt").write_text("dark\nred\nblue\n")
+    isolated(
+        mod, DATA_ROOT=root, DATASET="folder", PRETRAINED=False, DEVICE="cpu",
+        REAL_STEPS=40, REAL_VAL_EVERY=10, REAL_BATCH_SIZE=4, CROP_SIZE=48, REAL_SHORT_SIDE=None,
+        DECODER_CHANNELS=16, REAL_LR=3e-3, EVAL_FLIP=True, REAL_EVAL_SCALES=(1.0,),
+    )  # fmt: skip
+    metrics = mod.main([])
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    assert saved["dataset"] == "folder" and saved["classes"] == ["dark", "red", "blue"]
+    run = saved["runs"][0]
+    assert run["model"] == "fpn_resnet18_scratch" and metrics["best_model"] == run["model"]
+    assert {"val_miou", "miou", "miou_multiscale"} <= set(run)
+    assert run["miou"] > 0.5  # colour decides the class: 40 steps learn it (untrained: ~0.1-0.2)
+    assert "estimated time to the end of training: about" in out  # print_eta on photos
+    assert (tmp_path / "outputs" / "predictions.png").is_file()
+    checkpoint = torch.load(tmp_path / "outputs" / "best_model.pt", weights_only=True)
+    assert checkpoint["config"]["class_names"] == ("dark", "red", "blue")
+
+
+def test_real_train_transform_is_paired_pads_with_255_and_never_invents_labels(mod, isolated):
+    isolated(mod, CROP_SIZE=40, REAL_SHORT_SIDE=24, REAL_SCALE_RANGE=(0.5, 2.0))
+    colours = {0: (0.2, 0.7, 0.3), 3: (1.0, 0.0, 0.0), 7: (0.0, 0.0, 1.0), 255: (1.0, 1.0, 1.0)}
+    labels = np.array(list(colours))
+    blocks = np.random.default_rng(1).integers(0, len(labels), (4, 6))
+    index = torch.from_numpy(np.kron(blocks, np.ones((8, 8), dtype=int)))  # 32 x 48
+    mask = torch.from_numpy(labels)[index]
+    image = torch.tensor([colours[int(v)] for v in labels])[index].permute(2, 0, 1).contiguous()
+    padded_seen = False
+    for trial in range(30):
+        torch.manual_seed(trial)
+        out_image, out_mask = mod.real_train_transform(image, mask)
+        assert out_image.shape == (3, 40, 40) and out_mask.shape == (40, 40)
+        assert out_mask.dtype == torch.int64 and type(out_mask) is torch.Tensor
+        assert set(out_mask.unique().tolist()) <= set(colours)  # nearest: no invented labels
+        for label, colour in colours.items():
+            exact = (out_image - torch.tensor(colour)[:, None, None]).abs().amax(dim=0) < 1e-4
+            assert (out_mask[exact] == label).all(), f"trial {trial}: label {label} misaligned"
+        padding = out_image.abs().amax(dim=0) == 0  # black = padding: 255, never background
+        assert (out_mask[padding] == 255).all()
+        padded_seen |= bool(padding.any())
+    assert padded_seen  # shorter side 12-48 px < the 40-px crop some of the time: padding happened
+
+
+def test_evaluation_of_photos_does_not_depend_on_batch_mates(mod, isolated, tmp_path):
+    # ragged VOC test images through the evaluation loader: exactly the per-image evaluation
+    isolated(mod, DATA_ROOT=tmp_path, DATASET="voc", BATCH_SIZE=16)
+    write_tiny_vocdevkit(tmp_path, mod.voc_palette())
+    test = mod.load_datasets()[0]["test"]
+    torch.manual_seed(0)
+    model = mod.build_model("fpn", "resnet18", 21, pretrained=False).eval()
+    with torch.no_grad():  # BatchNorm statistics under which zero padding changes the features
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+    expected = torch.zeros(21, 21, dtype=torch.int64)
+    with torch.no_grad():
+        for index in range(len(test)):  # independent truth: each image on its own
+            image, mask = test[index]
+            expected += mod.confusion_matrix(model(image[None]).argmax(dim=1), mask[None], 21)
+    loader = mod.make_loader(test, train=False)  # a batch of 16 holds both images
+    assert torch.equal(mod.evaluate(model, loader, torch.device("cpu"), 21), expected)
+
+
+def test_evaluate_scores_photos_at_full_resolution_from_a_smaller_network_input(mod, isolated):
+    class Bright(torch.nn.Module):  # pixelwise: class 1 where the red channel is bright
+        def forward(self, images):
+            return torch.cat([torch.zeros_like(images[:, :1]), 20 * (images[:, :1] - 0.5)], dim=1)
+
+    image = torch.zeros(3, 37, 53)
+    image[0, :, :20] = 1.0  # bright left part
+    mask = (image[0] > 0.5).long()
+    mask[0, 0] = 255
+    loader = [(image[None], mask[None])]
+    cm = mod.evaluate(Bright(), loader, torch.device("cpu"), 2, short_side=24)
+    assert cm.sum() == 37 * 53 - 1  # every labelled full-size pixel scored, at its full size
+    assert cm.trace() >= cm.sum() - 2 * 37  # the edge may move by a pixel, nothing else
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 12: choosing on validation, fair DeepLabV3, warm-up, weights file, inference pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+def fake_row(name: str, architecture: str, val_miou: float, test_miou: float) -> dict:
+    """A result row as run_experiment returns it, with chosen validation and test scores."""
+    return {
+        "model": name, "architecture": architecture, "encoder": "resnet18", "pretrained": False,
+        "params": 1, "output_stride": 16 if architecture == "deeplabv3" else 32, "aspp_rates": None,
+        "train_seconds": 1.0, "steps": 1, "epochs": 1, "best_val_miou": val_miou,
+        "val_miou": val_miou, "miou": test_miou, "pixel_accuracy": 0.5,
+        "mean_class_accuracy": 0.5, "miou_multiscale": test_miou, "pixel_accuracy_multiscale": 0.5,
+        "per_class_iou": [0.5] * 21, "per_class_accuracy": [0.5] * 21,
+        "history": [{"epoch": 1, "step": 1, "loss": 1.0, "val_miou": val_miou}],
+        "confusion_matrix": torch.eye(21, dtype=torch.int64).tolist(),
+    }  # fmt: skip
+
+
+def test_best_model_is_chosen_on_validation_never_on_test(
+    mod, isolated, tmp_path, monkeypatch, capsys
+):
+    # deeplabv3 is better on validation, fpn on test: validation must decide everywhere
+    scores = {"deeplabv3": (0.7, 0.5), "fpn": (0.6, 0.9)}
+
+    def fake_experiment(architecture, encoder, pretrained, loaders, device, *rest):
+        model = mod.build_model(architecture, encoder, 21, pretrained=False, decoder_channels=8)
+        return fake_row(f"{architecture}_x", architecture, *scores[architecture]), model
+
+    isolated(mod, PRETRAINED=False, DEVICE="cpu")
+    monkeypatch.setattr(mod, "run_experiment", fake_experiment)
+    metrics = mod.main(["--quick"])
+    out = capsys.readouterr().out
+    assert metrics["best_model"] == "deeplabv3_x"
+    assert "per-class test results of deeplabv3_x" in out
+    saved = torch.load(tmp_path / "outputs" / "quick" / "best_model.pt", weights_only=True)
+    assert saved["config"]["architecture"] == "deeplabv3"
+    assert [run["val_miou"] for run in metrics["runs"]] == [0.7, 0.6]  # stored per run
+
+
+def test_aspp_warns_when_a_rate_does_not_fit_and_auto_rates_fit(mod, isolated, capsys):
+    isolated(mod, DECODER_CHANNELS=8, IMAGE_SIZE=64)
+    images = torch.rand(2, 3, 64, 64)  # stride 16 -> a 4 x 4 map
+    paper = mod.build_model(
+        "deeplabv3", "resnet18", 21, False, output_stride=16, aspp_rates=(6, 12, 18)
+    )
+    paper.train()(images)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("Warning: ASPP rates [6, 12, 18]")
+    assert "4 x 4" in out[0]
+    fitted = mod.build_model("deeplabv3", "resnet18", 21, False, output_stride=16)  # "auto"
+    assert fitted.config["aspp_rates"] == (1, 2, 3)
+    fitted.train()(images)
+    assert "Warning" not in capsys.readouterr().out
+
+    # why it matters: a 3x3 convolution with rate 6 on a 4 x 4 map IS a 1x1 (its centre tap)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 3, 3, padding=6, dilation=6, bias=False)
+    x = torch.randn(1, 5, 4, 4)
+    centre = torch.nn.functional.conv2d(x, conv.weight[:, :, 1:2, 1:2])
+    assert torch.allclose(conv(x), centre, atol=1e-6)
+    conv2 = torch.nn.Conv2d(5, 3, 3, padding=2, dilation=2, bias=False)
+    assert not torch.allclose(conv2(x), torch.nn.functional.conv2d(x, conv2.weight[:, :, 1:2, 1:2]))
+
+
+def test_stride_ceiling_on_hand_cases(mod):
+    mask = torch.zeros(1, 16, 16, dtype=torch.int64)
+    mask[0, 5:7, 9:11] = 1  # a 2 x 2 object
+    loader = [(None, mask)]
+    assert mod.stride_ceiling_miou(loader, 1, 2) == pytest.approx(1.0)  # stride 1 draws anything
+    assert mod.stride_ceiling_miou(loader, 8, 2) == pytest.approx(0.5 * (252 / 256))  # object lost
+    big = torch.zeros(1, 16, 16, dtype=torch.int64)
+    big[0, :, 8:] = 1  # a half-image object, aligned with the 8-px grid: still perfect
+    assert mod.stride_ceiling_miou([(None, big)], 8, 2) == pytest.approx(1.0)
+
+
+def test_warmup_freezes_only_a_pretrained_encoder(mod, isolated, tmp_path):
+    isolated(mod, EPOCHS=1, WARMUP_EPOCHS=1, BATCH_SIZE=4, IMAGE_SIZE=32, DECODER_CHANNELS=8,
+             SYNTHETIC_SPLIT_SIZES=(4, 2, 2), DATASET="synthetic", NUM_WORKERS=0)
+    datasets, _ = mod.load_datasets()
+    loaders = {
+        "train": mod.make_loader(datasets["train"], train=True),
+        "val": mod.make_loader(datasets["val"], train=False),
+    }
+    cpu = torch.device("cpu")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    for weights, frozen in ((None, False), (tmp_path / "r18.pth", True)):
+        isolated(mod, PRETRAINED_WEIGHTS=weights)
+        torch.manual_seed(0)
+        model = mod.build_model("fpn", "resnet18", 21, pretrained=weights is not None)
+        before = model.encoder.state_dict()["conv1.weight"].clone()
+        mod.train_model(model, "m", loaders, cpu)  # one step, in the warm-up phase
+        unchanged = torch.equal(model.encoder.state_dict()["conv1.weight"], before)
+        assert unchanged == frozen, f"pretrained={weights is not None}: frozen should be {frozen}"
+
+
+def test_a_weights_file_that_is_not_a_checkpoint_is_one_line(mod, isolated, tmp_path):
+    notes = tmp_path / "weights.pth"
+    notes.write_text("these are not weights\n")
+    isolated(mod, PRETRAINED_WEIGHTS=notes)
+    with pytest.raises(SystemExit) as error:
+        mod.build_model("fpn", "resnet18", 21, pretrained=True)
+    message = str(error.value)
+    assert message.startswith("error: PRETRAINED_WEIGHTS") and str(notes) in message
+    assert "\n" not in message
+
+
+def test_multiscale_averages_probabilities_not_logits(mod):
+    # asymmetric passes: confident at full size (logit +8), unsure at half size (-1)
+    class ScaleDependent(torch.nn.Module):
+        def forward(self, images):
+            n, _, h, w = images.shape
+            value = 8.0 if w == 20 else -1.0
+            return torch.stack([torch.zeros(n, h, w), torch.full((n, h, w), value)], dim=1)
+
+    probs = mod.multiscale_probs(ScaleDependent(), torch.rand(1, 3, 10, 20), (0.5, 1.0), False)
+    expected = (torch.sigmoid(torch.tensor(8.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2  # 0.634
+    assert probs.shape == (1, 2, 10, 20)
+    assert torch.allclose(probs[0, 1], torch.full((10, 20), expected.item()), atol=1e-5)
+    # (averaging logits would give sigmoid(3.5) = 0.97: a different, overconfident answer)
+
+
+def test_multiscale_flip_and_resize_keep_an_asymmetric_scene_in_place(mod):
+    # a pixelwise model commutes with flips and resizes: every pass, undone correctly, agrees
+    class Bright(torch.nn.Module):
+        def forward(self, images):
+            return torch.cat([torch.zeros_like(images[:, :1]), 30 * (images[:, :1] - 0.5)], dim=1)
+
+    image = torch.zeros(1, 3, 37, 53)  # odd sizes: 0.75 x 37 = 27.75 must round, come back exact
+    image[..., :, :13] = 1.0  # bright on the left only: a missing flip-back moves it right
+    image[..., :9, 30:] = 1.0
+    plain = mod.multiscale_probs(Bright(), image, (1.0,), False)
+    averaged = mod.multiscale_probs(Bright(), image, (0.75, 1.0, 1.25), True)
+    assert averaged.shape == plain.shape == (1, 2, 37, 53)
+    agree = (averaged.argmax(dim=1) == plain.argmax(dim=1)).float().mean()
+    assert agree > 0.97  # only edge pixels may differ
+
+
+def test_pick_num_workers_and_endless_sampler(mod, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mod.pick_num_workers("auto") == 0 and mod.pick_num_workers(3) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert mod.pick_num_workers("auto") == 8
+    streams = [mod.EndlessSampler(5, rank, 2, seed=0) for rank in range(2)]
+    firsts = [list(zip(range(5), iter(s))) for s in streams]
+    merged = [i for pair in zip(*[[i for _, i in f] for f in firsts]) for i in pair]
+    assert sorted(merged[:5]) == [0, 1, 2, 3, 4]  # one shared pass, split between the ranks
+    assert len(list(zip(range(7), iter(mod.EndlessSampler(1))))) == 7  # never runs dry
+
+
+def test_warn_if_collapsed_names_the_likely_causes(mod, capsys):
+    collapsed = torch.tensor([[5, 0, 0], [3, 0, 0], [2, 0, 0]])  # everything predicted as class 0
+    assert mod.warn_if_collapsed(collapsed, 0.2, "m") is True
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("Warning:") and "\n" not in line and "0/255" in line
+    healthy = torch.tensor([[5, 1, 0], [0, 3, 0], [1, 0, 2]])
+    assert mod.warn_if_collapsed(healthy, 0.5, "m") is False
+    assert mod.warn_if_collapsed(healthy, 0.0, "m") is True  # validation never scored
 
 
 if __name__ == "__main__":  # one torchrun worker of the DDP test above

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import load_script, run_script
+from PIL import Image
+from scipy import ndimage
 
 SCRIPT = "example_3_medical_segmentation/medical_segmentation.py"
 mod = load_script(SCRIPT)
@@ -21,7 +21,6 @@ TINY = dict(
     IMAGE_SIZE=32,
     BASE_CHANNELS=8,
     DEPTH=2,
-    BOOTSTRAP_SAMPLES=50,
 )
 
 
@@ -71,7 +70,7 @@ def test_dice_coefficient_and_soft_dice_loss_on_hand_cases(isolated, pred, inter
 
 
 def test_empty_empty_rule_metric_nan_loss_zero_and_excluded_from_means(isolated):
-    isolated(mod, DICE_SMOOTH=1.0, BOOTSTRAP_SAMPLES=50)
+    isolated(mod, DICE_SMOOTH=1.0)
     empty = np.zeros((4, 4), dtype=np.int64)
     scores = mod.scores_from_confusion(mod.confusion_matrix(empty, empty, 2))
     assert np.isnan(scores["dice"][1]) and np.isnan(scores["iou"][1])  # 0 / 0: undefined
@@ -161,11 +160,54 @@ def test_hd95_uses_the_voxel_spacing_per_axis():
     assert np.isnan(mod.hd95(a, np.zeros_like(a), (1.0, 1.0, 1.0)))
 
 
-def test_bootstrap_interval_brackets_the_mean_and_ignores_nan():
+# --- Issue 12, item 6: a Student-t interval, none where there is no spread ----------------------
+
+
+def test_t_interval_matches_the_closed_form_and_ignores_nan():
+    # n = 4: mean 0.75, s = sqrt(0.05 / 3) = 0.129099, t(0.975, 3) = 3.182446 (a table value)
     values = np.array([0.6, 0.7, 0.8, 0.9, np.nan])
-    low, high = mod.bootstrap_ci(values, 500, seed=0)
-    assert 0.6 <= low < 0.75 < high <= 0.9
-    assert mod.bootstrap_ci(np.array([0.5, 0.5, 0.5]), 100, seed=0) == (0.5, 0.5)
+    half = 3.182446 * np.sqrt(0.05 / 3) / np.sqrt(4)  # 0.205426
+    assert mod.t_interval(values, 0.95) == pytest.approx((0.75 - half, 0.75 + half), abs=1e-6)
+    # n = 6 (the default run's test patients): t(0.975, 5) = 2.570582, wider than 1.96
+    six = np.array([0.93, 0.95, 0.91, 0.97, 0.94, 0.96])
+    half = 2.570582 * six.std(ddof=1) / np.sqrt(6)
+    assert mod.t_interval(six, 0.95) == pytest.approx((six.mean() - half, six.mean() + half))
+
+
+def test_no_interval_without_spread():
+    assert mod.t_interval(np.array([1.0, 1.0, 1.0]), 0.95) is None  # all equal: nothing to estimate
+    assert mod.t_interval(np.array([0.7, np.nan]), 0.95) is None  # one value
+    assert mod.interval_text(None) == "[no spread]"
+    assert mod.interval_text((0.99971, 0.99979)) == "[width < 0.001]"  # would print [1.000, 1.000]
+    assert mod.interval_text((0.5, 0.75)) == "[0.500, 0.750]"
+
+
+def test_summary_reports_the_t_interval_clipped_and_notes_small_n(isolated, capsys):
+    isolated(mod, CONFIDENCE=0.95)
+    names = ("background", "lesion")
+    dice = [0.6, 0.7, 0.8, 0.9]
+    patients = [
+        {
+            "dice": {"background": 1.0, "lesion": d},
+            "iou": {"background": 1.0, "lesion": d / (2 - d)},
+            "sensitivity": {"background": 1.0, "lesion": 0.99 + 0.003 * i},  # close to 1
+            "specificity": {"background": 1.0, "lesion": 1.0},  # no spread at all
+            "precision": {"background": 1.0, "lesion": d},
+            "hd95_mm": {"lesion": 2.0 + i},
+        }
+        for i, d in enumerate(dice)
+    ]
+    summary = mod.summarize(patients, names)
+    half = 3.182446 * np.sqrt(0.05 / 3) / 2
+    assert summary["ci95"]["dice"]["lesion"] == pytest.approx((0.75 - half, 0.75 + half), abs=1e-6)
+    assert summary["ci95"]["specificity"]["lesion"] is None
+    assert summary["ci95"]["sensitivity"]["lesion"][1] == 1.0  # a ratio's interval stops at 1
+    assert summary["ci95"]["hd95_mm"]["lesion"][0] < 2.0  # distances are not clipped to [0, 1]
+    mod.print_summary("test", summary, names)
+    out = capsys.readouterr().out
+    assert "note: with n = 4 < 10" in out
+    assert "specificity  lesion 1.000 +- 0.000 [no spread]" in out
+    assert "[1.000, 1.000]" not in out
 
 
 # --- Windowing and resampling -----------------------------------------------------------------
@@ -224,7 +266,7 @@ def test_synthetic_patient_is_deterministic_and_imbalanced(isolated):
     assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
     other = mod.synthetic_patient(4, "B")
     assert a.spacing != other.spacing and a.spacing[0] > a.spacing[1]  # anisotropic, per patient
-    assert 0.003 < (a.mask == 2).mean() < 0.025  # lesions: about 0.5-2% of the voxels
+    assert 0.003 < (a.mask == 2).mean() < 0.025  # lesions: a small share (see the next test)
     organ_hu = np.median(a.image[0][a.mask == 1])
     lesion_hu = np.median(a.image[0][a.mask == 2])
     assert 60 < organ_hu < 200 and lesion_hu < organ_hu - 20  # HU-like, hypodense lesions
@@ -460,3 +502,435 @@ def test_user_errors_exit_with_one_clear_line(isolated, tmp_path, monkeypatch):
         mod.main(["--predict", str(tmp_path / "slice.png")])
     with pytest.raises(SystemExit, match="error: .*nowhere.* is not a folder"):
         mod.main(["--data-dir", str(tmp_path / "nowhere")])
+
+
+# --- Issue 12, item 7: the lesion facts have one source of truth -------------------------------
+
+
+def test_lesion_facts_agree_between_generator_readme_and_comments(isolated):
+    isolated(mod, NATIVE_SIZE=48)
+    low, high = mod.LESIONS_DRAWN
+    share_text = f"{100 * mod.LESION_SHARE[0]:.1f}-{100 * mod.LESION_SHARE[1]:.1f}%"  # "0.5-1.5%"
+    readme = (mod.Path(mod.__file__).parent / "README.md").read_text()
+    source = mod.Path(mod.__file__).read_text()
+    assert f"{low}-{high} hypodense lesions" in readme
+    assert share_text in readme and share_text in source
+    for stale in ("0.5-2%", "1-5 hypodense"):
+        assert stale not in readme and stale not in source
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for i in range(4):  # what the generator makes is what the text says
+        mask = mod.synthetic_patient(i, "ABC"[i % 3]).mask
+        assert mod.LESION_SHARE[0] <= (mask == 2).mean() <= mod.LESION_SHARE[1]
+        assert 1 <= ndimage.label(mask == 2, structure=structure)[1] <= high
+    # and the constant really drives the generator: one lesion drawn -> one lesion found
+    isolated(mod, NATIVE_SIZE=48, LESIONS_DRAWN=(1, 1))
+    assert ndimage.label(mod.synthetic_patient(0, "A").mask == 2, structure=structure)[1] == 1
+
+
+# --- Issue 12, item 17: the pipeline's modes (interpolation, averaging, eval mode) ----------------
+
+
+def test_preprocess_resamples_masks_by_nearest_neighbour(isolated):
+    # A 0 | 2 boundary with no organ between: linear interpolation would put 1s on it. The
+    # reference is independent nearest-neighbour resampling: output voxel i of m along an axis
+    # of n voxels takes source voxel floor((i + 0.5) * n / m), the one that holds its centre.
+    isolated(mod, TARGET_SPACING=(2.0, 2.0, 2.0), IMAGE_SIZE=32, CONTEXT_SLICES=0)
+    native = np.zeros((6, 26, 26), dtype=np.int64)
+    native[:, :, 13:] = 2
+    native[:, 3:8, 3:8] = 1
+    native[2:5, 16:24, 4:12] = np.random.default_rng(1).integers(0, 3, size=(3, 8, 8))
+    case = mod.Case("x", "A", native[None] * 40.0, native, (1.5, 1.3, 1.3), "ct")
+    prepared = mod.preprocess(case)
+    shape = prepared.resampled
+    assert shape == (4, 17, 17)  # round(6 * 1.5 / 2) = 4, round(26 * 1.3 / 2) = 17
+    index = [
+        np.floor((np.arange(m) + 0.5) * n / m).astype(int) for n, m in zip(native.shape, shape)
+    ]
+    reference = native[np.ix_(*index)]
+    labels = mod.center_crop_or_pad(prepared.labels, shape[1:], 0)  # undo the pad to 32 x 32
+    assert (labels == reference).all()
+
+
+def test_preprocess_resamples_images_linearly(isolated):
+    # A HU ramp along x stays a ramp (linear interpolation); nearest would make a staircase.
+    isolated(mod, TARGET_SPACING=(2.0, 2.0, 2.0), IMAGE_SIZE=24, CONTEXT_SLICES=0)
+    ramp = np.broadcast_to(np.linspace(-100.0, 200.0, 30)[None, None], (4, 30, 30))
+    case = mod.Case(
+        "x",
+        "A",
+        ramp[None].astype(np.float32),
+        np.zeros((4, 30, 30), np.int64),
+        (2.0, 2.0, 1.3),
+        "ct",
+    )
+    prepared = mod.preprocess(case)
+    assert prepared.resampled == (4, 30, 20)
+    row = mod.center_crop_or_pad(prepared.inputs[:, 0], (30, 20), 0.0)[1, 5]  # (20,) along x
+    steps = np.diff(row[1:-1])
+    assert steps.min() > 0 and steps == pytest.approx(np.full_like(steps, steps.mean()), rel=1e-3)
+
+
+def test_probabilities_are_mapped_back_linearly(isolated):
+    # A probability ramp on the coarse grid comes back as a finer ramp on the native grid
+    # (linear: every native column its own value), not as pairs of copied values.
+    isolated(mod, TARGET_SPACING=(2.0, 2.0, 2.0), IMAGE_SIZE=8, CONTEXT_SLICES=0)
+    native = np.zeros((2, 16, 16), dtype=np.int64)
+    case = mod.Case("x", "A", np.zeros((1, 2, 16, 16), np.float32), native, (2.0, 1.0, 1.0), "ct")
+    prepared = mod.preprocess(case)
+    assert prepared.resampled == (2, 8, 8)
+    p1 = np.broadcast_to(np.linspace(0.1, 0.8, 8)[None, None], (2, 8, 8))
+    back = mod.probabilities_to_native(np.stack([1 - p1, p1]).astype(np.float32), prepared)
+    row = back[1, 0, 8, 1:-1]  # (14,) inside the edges
+    assert len(np.unique(row.round(6))) == 14
+    assert np.diff(row) == pytest.approx(np.full(13, 0.05), abs=1e-6)  # 0.1 per coarse voxel / 2
+
+
+# --- Your own photos: a stand-in retina, the loaders, sliding windows, metrics ----------------
+
+
+def retina_standin(rng, height, width):
+    """A small fundus-like photo: thin branching dark vessels (1-10 px) on an unevenly lit,
+    textured, circular field of view. Returns RGB (H, W, 3), vessel mask and FOV, both 0/255."""
+    from PIL import ImageDraw
+
+    yy, xx = np.mgrid[:height, :width]
+    cy, cx, radius = (height - 1) / 2, (width - 1) / 2, 0.47 * min(height, width)
+    fov = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+
+    def branch(y, x, angle, vessel_width, depth):
+        points = [(x, y)]
+        for _ in range(int(rng.integers(6, 12))):
+            angle += rng.normal(0, 0.25)
+            y, x = y + 4 * np.sin(angle), x + 4 * np.cos(angle)
+            points.append((x, y))
+        draw.line(points, fill=255, width=round(vessel_width))
+        if depth < 3 and vessel_width > 1:
+            for turn in (-0.6, 0.6):
+                branch(
+                    y, x, angle + turn + rng.normal(0, 0.2), max(1, vessel_width * 0.6), depth + 1
+                )
+
+    disc = (cy + rng.uniform(-0.2, 0.2) * radius, cx + rng.uniform(-0.4, 0.4) * radius)
+    for angle in rng.uniform(0, 2 * np.pi, size=3):
+        branch(*disc, angle, rng.uniform(4, 10), 0)
+    vessels = (np.asarray(canvas) > 0) & fov
+    light = 0.6 + 0.4 * (xx / width) * np.cos(yy / height)  # uneven illumination
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, (height, width)), 2) * 0.5
+    base = np.clip(light + 0.1 * texture, 0, None)
+    rgb = np.stack([0.8 * base, 0.45 * base, 0.2 * base], axis=-1)  # reddish fundus
+    rgb[vessels] *= np.array([0.75, 0.45, 0.6])  # vessels darker, most in green
+    rgb = (rgb + rng.normal(0, 0.02, rgb.shape)) * fov[..., None]
+    to_u8 = lambda a: (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+    return to_u8(rgb), vessels.astype(np.uint8) * 255, fov.astype(np.uint8) * 255
+
+
+def write_retinas(folder, sizes, seed=0, with_fov=True):
+    """Write stand-in photos into folder/images, folder/masks (and folder/fov), named r00, r01..."""
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "masks") + (("fov",) if with_fov else ()):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i, (height, width) in enumerate(sizes):
+        rgb, vessels, fov = retina_standin(rng, height, width)
+        Image.fromarray(rgb).save(folder / "images" / f"r{seed}{i:02d}.png")
+        Image.fromarray(vessels).save(folder / "masks" / f"r{seed}{i:02d}.png")
+        if with_fov:
+            Image.fromarray(fov).save(folder / "fov" / f"r{seed}{i:02d}.png")
+
+
+RAGGED = [(61, 67), (72, 64), (64, 75), (70, 70), (66, 63), (75, 69)]
+
+
+def test_standin_retinas_are_thin_vessels_in_a_round_field(tmp_path):
+    write_retinas(tmp_path, [(80, 90)])
+    vessels = np.asarray(Image.open(tmp_path / "masks" / "r000.png")) > 0
+    fov = np.asarray(Image.open(tmp_path / "fov" / "r000.png")) > 0
+    assert 0.03 < vessels.mean() < 0.35 and not (vessels & ~fov).any()
+    widths = ndimage.distance_transform_edt(vessels)[vessels]
+    assert widths.max() <= 6  # half-widths: vessels at most ~10 px wide, and many 1-2 px
+    assert (widths <= 1).mean() > 0.2
+
+
+def test_train_test_layout_with_fov_and_classes_through_the_real_loader(tmp_path, isolated):
+    isolated(mod)
+    write_retinas(tmp_path / "train", RAGGED[:4], seed=0)
+    write_retinas(tmp_path / "test", RAGGED[4:], seed=1)
+    (tmp_path / "classes.txt").write_text("background\nvessel\n")
+    splits, names = mod.load_folder_splits(tmp_path, seed=0)
+    assert names == ("background", "vessel")
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [3, 1, 2]
+    assert sorted(c.case_id for c in splits["test"]) == ["r100", "r101"]  # test kept as it is
+    train_ids = {c.case_id for s in ("train", "val") for c in splits[s]}
+    assert train_ids == {"r000", "r001", "r002", "r003"}
+    for case in splits["train"] + splits["test"]:
+        height, width = case.mask.shape[1:]
+        assert (height, width) in RAGGED and case.image.shape == (3, 1, height, width)
+        assert case.fov.shape == case.mask.shape and case.fov.dtype == bool
+        assert set(np.unique(case.mask)) == {0, 1}
+    photo = mod.prepare_photo(splits["test"][0])
+    assert (photo.labels[~photo.fov] == mod.IGNORE_INDEX).all()  # no loss outside the FOV
+    assert set(np.unique(photo.labels[photo.fov])) == {0, 1}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_folders_of_one_two_three_images(tmp_path, isolated, count):
+    isolated(mod)
+    write_retinas(tmp_path, RAGGED[:count], with_fov=False)
+    if count < 3:
+        with pytest.raises(
+            SystemExit, match=rf"error: .*images has {count} image\(s\); at least 3"
+        ):
+            mod.load_folder_splits(tmp_path, seed=0)
+    else:
+        splits, names = mod.load_folder_splits(tmp_path, seed=0)
+        assert [len(splits[s]) for s in ("train", "val", "test")] == [1, 1, 1]
+        assert names == ("background", "foreground") and splits["train"][0].fov is None
+
+
+def test_train_folder_of_one_image_is_one_line_error(tmp_path, isolated):
+    isolated(mod)
+    write_retinas(tmp_path / "train", RAGGED[:1])
+    write_retinas(tmp_path / "test", RAGGED[1:2], seed=1)
+    with pytest.raises(SystemExit, match=r"error: .*train has 1 image\(s\); at least 2"):
+        mod.load_folder_splits(tmp_path, seed=0)
+
+
+def test_fov_and_classes_errors_name_the_file(tmp_path, isolated):
+    isolated(mod)
+    write_retinas(tmp_path, RAGGED[:3])
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "fov" / "r001.png")
+    with pytest.raises(SystemExit, match=r"error: mask .*fov.r001\.png is 12x10 .* image .*r001"):
+        mod.load_folder_splits(tmp_path, seed=0)
+    (tmp_path / "fov" / "r001.png").unlink()
+    with pytest.raises(SystemExit, match=r"error: no field-of-view mask in .*fov .*r001\.png"):
+        mod.load_folder_splits(tmp_path, seed=0)
+    (tmp_path / "fov" / "r000.png").unlink()
+    (tmp_path / "fov" / "r002.png").unlink()
+    (tmp_path / "fov").rmdir()
+    mask = np.zeros((61, 67), np.uint8)
+    mask[5, 5] = 3  # class 3, but classes.txt names 2 classes
+    Image.fromarray(mask).save(tmp_path / "masks" / "r000.png")
+    (tmp_path / "classes.txt").write_text("background\nvessel\n")
+    with pytest.raises(SystemExit, match=r"error: mask .*r000\.png holds class 3 .* 2 classes"):
+        mod.load_folder_splits(tmp_path, seed=0)
+
+
+def test_patches_are_paired_biased_to_foreground_and_stay_in_the_field(isolated):
+    isolated(mod, PATCH_SIZE=16, COLOUR_JITTER=0.0)
+    rng = np.random.default_rng(0)
+    labels = np.zeros((40, 50), dtype=np.int64)
+    labels[10:13, 5:45] = 1  # a thin horizontal vessel: 6% of the pixels
+    fov = np.ones_like(labels, dtype=bool)
+    fov[:, 46:] = False
+    image = np.stack([labels.astype(np.float32), rng.normal(size=labels.shape).astype(np.float32)])
+    photo = mod.Photo("p", image, np.where(fov, labels, mod.IGNORE_INDEX), fov, 40, 50)
+    isolated(mod, PATCH_SIZE=16, COLOUR_JITTER=0.0, PATCH_FOREGROUND=1.0)
+    sampler = mod.PatchSampler([photo], seed=0)
+    seen = set()
+    for _ in range(64):
+        patch, patch_labels = sampler.patch()
+        valid = patch_labels != mod.IGNORE_INDEX
+        # channel 0 of the image *is* the label map: the same flip / turn hit both
+        assert (patch[0][valid] == patch_labels[valid]).all()
+        assert patch_labels.shape == (16, 16) and (patch_labels == 1).any()  # always on a vessel
+        seen.add("horizontal" if (patch_labels == 1).all(axis=1).any() else "vertical")
+    assert seen == {"horizontal", "vertical"}  # quarter turns happen
+    isolated(mod, PATCH_SIZE=16, COLOUR_JITTER=0.0, PATCH_FOREGROUND=0.0)
+    sampler = mod.PatchSampler([photo], seed=0)
+    hits = np.mean([(sampler.patch()[1] == 1).any() for _ in range(200)])
+    assert hits < 0.9  # without the bias many patches miss the vessel
+
+
+def test_window_starts_and_weights_by_hand():
+    assert mod.window_starts(37, 16, 0.25) == [0, 12, 21]  # stride 12, the last flush with 37
+    assert mod.window_starts(16, 16, 0.25) == [0] and mod.window_starts(9, 16, 0.5) == [0]
+    weight = mod.window_weight(5, 7)
+    assert weight.shape == (5, 7) and weight[2, 3] == pytest.approx(1.0)
+    assert (weight > 0).all() and weight[0, 0] < weight[1, 1] < weight[2, 3]
+    assert weight == pytest.approx(weight[::-1, ::-1])  # symmetric
+
+
+class PixelNet(torch.nn.Module):
+    """A model with a 1x1 receptive field (and BatchNorm): any window sees all it needs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 1),
+            torch.nn.BatchNorm2d(6),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(6, 3, 1),
+        )
+        self.net[1].running_mean.fill_(0.3)
+        self.net[1].running_var.fill_(2.0)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("window, overlap", [(16, 0.25), (12, 0.5), (64, 0.25)])
+def test_sliding_windows_equal_one_whole_image_pass(window, overlap):
+    image = np.random.default_rng(0).normal(size=(3, 37, 29)).astype(np.float32)  # odd sizes
+    model = PixelNet()
+    model.train()  # the function must switch to eval mode itself
+    probs = mod.sliding_window_probabilities(model, image, torch.device("cpu"), window, overlap)
+    model.eval()
+    with torch.no_grad():
+        whole = model(torch.from_numpy(image)[None]).softmax(dim=1)[0].numpy()
+    assert probs.shape == (3, 37, 29)
+    assert probs == pytest.approx(whole, abs=1e-5)
+
+
+class WindowMean(torch.nn.Module):
+    """Logits that depend on the whole window: every pixel gets the window's mean input."""
+
+    def forward(self, x):
+        level = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+        ones = torch.ones_like(x[:, :1])
+        return torch.cat([0 * ones, level * ones, -level * ones], dim=1) * 10  # (B, 3, h, w)
+
+
+def test_sliding_windows_average_probabilities_with_the_window_weights():
+    # Windows see different means, so their predictions differ where they overlap. The expected
+    # map is rebuilt here window by window: sum of softmax(logits) * weight / sum of weights.
+    image = np.zeros((3, 30, 23), dtype=np.float32)
+    image[:, :, 15:] = 1.0
+    image[:, 20:] = -0.5
+    probs = mod.sliding_window_probabilities(WindowMean(), image, torch.device("cpu"), 12, 0.5)
+    total, norm = np.zeros((3, 30, 23)), np.zeros((30, 23))
+    for top in mod.window_starts(30, 12, 0.5):
+        for left in mod.window_starts(23, 12, 0.5):
+            level = image[:, top : top + 12, left : left + 12].mean()
+            logits = np.array([0.0, level, -level]) * 10
+            p = np.exp(logits) / np.exp(logits).sum()
+            weight = mod.window_weight(12, 12)
+            total[:, top : top + 12, left : left + 12] += p[:, None, None] * weight
+            norm[top : top + 12, left : left + 12] += weight
+    assert probs == pytest.approx(total / norm, abs=1e-5)
+    assert probs.sum(axis=0) == pytest.approx(np.ones((30, 23)), abs=1e-5)
+
+
+def test_photo_metrics_on_a_hand_case_with_fov_and_auc(isolated):
+    isolated(mod)
+    names = ("background", "vessel")
+    truth = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]])
+    fov = np.ones_like(truth, dtype=bool)
+    fov[2, 2:] = False  # the last two pixels are outside the field of view
+    p1 = np.array([[0.9, 0.6, 0.7, 0.2], [0.6, 0.1, 0.1, 0.1], [0.1, 0.1, 0.95, 0.05]])
+    photo = mod.Photo("h", np.zeros((3, 3, 4), np.float32), np.where(fov, truth, 255), fov, 3, 4)
+    scores, confusion = mod.score_photo(np.stack([1 - p1, p1]), photo, names, threshold=0.5)
+    # inside the FOV (10 pixels): predicted vessel at 0.9, 0.6, 0.7, 0.6 -> TP 2, FP 2, FN 0, TN 6
+    assert confusion.tolist() == [[6, 2], [0, 2]]
+    assert scores["dice"]["vessel"] == pytest.approx(4 / 6)
+    assert scores["specificity"]["vessel"] == pytest.approx(6 / 8)
+    assert scores["precision"]["vessel"] == pytest.approx(2 / 4)
+    # AUC by counting pairs (positive score > negative score, ties half): positives 0.9 and 0.6,
+    # negatives 0.7, 0.2, 0.6, 0.1 x 5: 0.9 beats all 8; 0.6 beats 6, ties 1 -> (8 + 6.5) / 16
+    assert scores["auc"]["vessel"] == pytest.approx(14.5 / 16)
+    pairs = [(a > b) + 0.5 * (a == b) for a in (0.9, 0.6) for b in (0.7, 0.2, 0.6) + (0.1,) * 5]
+    assert scores["auc"]["vessel"] == pytest.approx(np.mean(pairs))
+    # pooled over two photos: one confusion matrix, not the mean of the Dice values
+    summary = mod.evaluate_photos(
+        None, [photo, photo], names, None, 0.5, [np.stack([1 - p1, p1])] * 2
+    )
+    assert summary["pooled"]["dice"]["vessel"] == pytest.approx(8 / 12)
+    perfect = np.stack([1 - truth, truth]).astype(np.float64)
+    mixed = mod.evaluate_photos(
+        None, [photo, photo], names, None, 0.5, [perfect, np.stack([1 - p1, p1])]
+    )
+    assert mixed["dice"]["vessel"] == pytest.approx((1 + 4 / 6) / 2)
+    assert mixed["pooled"]["dice"]["vessel"] == pytest.approx(2 * 4 / (2 * 4 + 2))
+
+
+def test_warn_if_collapsed_says_so_in_one_line(capsys):
+    names = ("background", "vessel")
+    line = mod.warn_if_collapsed([1000, 0], 0.4, names)
+    assert line.startswith("Warning: the model predicts only 'background' everywhere")
+    assert "0/255" in line and "optimizer steps" in line and "\n" not in line
+    assert mod.warn_if_collapsed([900, 100], 0.0, names).startswith(
+        "Warning: the validation Dice stayed 0"
+    )
+    assert mod.warn_if_collapsed([900, 100], 0.5, names) is None
+    assert capsys.readouterr().out.count("Warning:") == 2
+
+
+def test_print_eta_and_pick_num_workers(capsys, monkeypatch):
+    assert mod.print_eta(60.0, 100, 1100) == "estimated time to the end of training: about 10 min"
+    assert "about 10 min" in capsys.readouterr().out
+    assert mod.pick_num_workers(3) == 3 and mod.pick_num_workers("2") == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mod.pick_num_workers("auto") == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mod.os, "cpu_count", lambda: 16)
+    assert mod.pick_num_workers("auto") == 8
+    monkeypatch.setattr(mod.os, "cpu_count", lambda: 2)
+    assert mod.pick_num_workers("auto") == 1
+
+
+PHOTO_TINY = {  # a photo run small enough to train in seconds
+    "PATCH_SIZE": 32,
+    "PHOTO_BATCH": 8,
+    "PHOTO_BASE_CHANNELS": 8,
+    "PHOTO_DEPTH": 2,
+    "WINDOW_SIZE": 48,
+    "VAL_EVERY": 40,
+    "PHOTO_PATIENCE": 10,
+    "LEARNING_RATE": 1e-2,
+    "NUM_THREADS": 1,
+}
+
+
+def test_a_short_patch_training_run_learns_the_vessels(tmp_path, isolated):
+    isolated(mod, **PHOTO_TINY, PHOTO_STEPS=120)
+    write_retinas(tmp_path / "train", RAGGED[:4])
+    write_retinas(tmp_path / "test", RAGGED[4:5], seed=1)
+    splits, names = mod.load_folder_splits(tmp_path, seed=0)
+    photos = {s: [mod.prepare_photo(c) for c in cases] for s, cases in splits.items()}
+    labels = np.concatenate([p.labels.ravel() for p in photos["train"]])
+    data = {
+        "train": photos["train"],
+        "val": photos["val"],
+        "class_names": names,
+        "class_weights": mod.class_weights_from(labels, 2),
+    }
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    untrained = mod.UNet(**mod.photo_model_config(2))
+    before = mod.evaluate_photos(untrained, photos["test"], names, cpu, 0.5)["dice"]["foreground"]
+    model, history = mod.fit_photos(data, cpu)
+    assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
+    test = mod.evaluate_photos(model, photos["test"], names, cpu, 0.5)
+    assert before < 0.5  # it starts knowing nothing ...
+    assert test["dice"]["foreground"] > 0.8 and test["auc"]["foreground"] > 0.95  # ... and learns
+
+
+def test_main_with_data_dir_end_to_end_then_predict(tmp_path, isolated, capsys):
+    isolated(mod, **PHOTO_TINY, PHOTO_STEPS=40)
+    data = tmp_path / "retina"
+    write_retinas(data / "train", RAGGED[:4])
+    write_retinas(data / "test", RAGGED[4:], seed=1)
+    (data / "classes.txt").write_text("background\nvessel\n")
+    metrics = mod.main(["--data-dir", str(data)])
+    out = capsys.readouterr().out
+    assert "estimated time to the end of training" in out
+    saved = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    assert saved["data"]["images"] == {"train": 3, "val": 1, "test": 2}
+    for key in ("dice", "iou", "sensitivity", "specificity", "precision", "auc"):
+        assert 0.0 <= saved["test"][key]["vessel"] <= 1.0
+    assert 0.0 <= saved["test"]["pooled"]["dice"]["vessel"] <= 1.0
+    assert saved["test"]["n_patients"] == 2 and len(saved["test"]["per_patient"]) == 2
+    assert saved["validation"]["threshold"] in mod.PHOTO_THRESHOLDS
+    assert metrics["test"]["dice"]["vessel"] == saved["test"]["dice"]["vessel"]
+    for name in (
+        "best_model.pt",
+        "training_curves.png",
+        "test_predictions.png",
+        "per_image_dice.png",
+    ):
+        assert (tmp_path / "outputs" / name).is_file(), name
+    photo = data / "test" / "images" / "r100.png"
+    result = mod.main(["--predict", str(photo)])
+    overlay = Image.open(result["overlay"])
+    assert overlay.size == Image.open(photo).size  # the prediction comes back at the photo's size

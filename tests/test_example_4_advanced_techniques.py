@@ -1,12 +1,15 @@
-"""Tests for Example 4: attention, receptive fields, TTA, dense CRF, losses, morphology, export, main().
+"""Tests for Example 4: attention, receptive fields, TTA, dense CRF, losses, morphology, export,
+main().
 
 Each test checks behaviour against an independent truth: shapes and identities that hold by
 construction, hand-computed loss values, closed-form receptive fields measured by gradients, an
 exact N x N CRF, and a real end-to-end run that writes only under tmp_path.
 """
 
+import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +103,63 @@ def test_receptive_field_formula_matches_gradient(mod, layers, expected):
     assert mod.extent(grad.T) == expected  # square in both directions
 
 
-def test_model_receptive_field_matches_gradient(mod):
-    model = mod.SegNet(width=8)
-    specs = model.layer_specs()
-    assert mod.receptive_field(specs) == 83
-    assert mod.extent(mod.gradient_receptive_field(specs, size=161)) == 83
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [(3, 1, 1)] * 3,
+        [(3, 1, 1), (3, 1, 2), (3, 1, 5)],
+        [(3, 2, 1), (3, 1, 1), (3, 2, 1), (3, 1, 2)],
+    ],
+)
+def test_walking_a_conv_stack_backwards_gives_the_formula(mod, layers):
+    path = [("conv", k, s, d, d * (k - 1) // 2) for k, s, d in layers]
+    low, high = mod.receptive_interval(path, 10)
+    assert high - low + 1 == mod.receptive_field(layers)
+    grad = mod.gradient_receptive_field(layers, size=97)  # output 48 (stride 1) or 12 (stride 4)
+    columns = np.flatnonzero(grad.sum(0) > 0)
+    out_index = 97 // 2 if all(s == 1 for _, s, _ in layers) else (97 // 4) // 2
+    assert (columns[0], columns[-1]) == mod.receptive_interval(path, out_index)
+
+
+def test_real_model_receptive_field_is_its_measured_gradient_extent(mod):
+    """Encoder and decoder, walked along the model's own modules, against the real gradient."""
+    torch.manual_seed(0)
+    for dilations, widths in (((1, 2, 5), {95, 99}), ((1, 1, 1), {55, 59})):
+        model = mod.DilatedAttentionNet(width=4, dilations=dilations)
+        walked, measured = [], []
+        for index in range(64, 68):  # four phases of the two bilinear x2 upsamplings
+            walked.append(mod.receptive_interval(model.layer_path(), index))
+            measured.append(mod.measured_receptive_interval(model, 128, index))
+        assert walked == measured
+        assert {high - low + 1 for low, high in measured} == widths
+    # the encoder alone is the old, too small "83 px"
+    result = mod.model_receptive_field(mod.DilatedAttentionNet(width=4))
+    assert result["encoder_formula_px"] == 83 and result["walked_px"] == [95, 99]
+    assert result["walked_equals_measured"] and not result["whole_image"]
+
+
+def input_pixels_reaching_the_centre(model):
+    """(128, 128) bool: input pixels with a gradient on output pixel (64, 64), conv weights made
+    positive averages and a positive input: no ReLU, cancellation or saturated sigmoid hides one."""
+    with torch.no_grad():
+        for conv in [m for m in model.modules() if isinstance(m, nn.Conv2d)]:
+            conv.weight.abs_().div_(conv.weight.sum(dim=(1, 2, 3), keepdim=True))
+    x = (torch.rand(1, 3, 128, 128) + 0.1).requires_grad_(True)
+    model.eval()(x)[0, :, 64, 64].sum().backward()
+    return (x.grad[0].abs().sum(0) > 0).numpy()
+
+
+@pytest.mark.parametrize("attention", [dict(cbam=True), dict(position_attention=True)])
+def test_attention_makes_every_input_pixel_reach_every_output(mod, attention):
+    torch.manual_seed(0)
+    model = mod.DilatedAttentionNet(width=4, **attention)
+    if "position_attention" in attention:
+        with torch.no_grad():
+            model.position.gamma.fill_(1.0)  # at gamma = 0 the block is the identity
+    assert mod.receptive_interval(model.layer_path(), 64) is None  # "global"
+    assert input_pixels_reaching_the_centre(model).all()  # the corners too, 64 px away
+    plain = input_pixels_reaching_the_centre(mod.DilatedAttentionNet(width=4))
+    assert not plain[0, 0] and plain[64, 64]  # without attention the corner is out of reach
 
 
 def test_gridding_leaves_holes_that_hybrid_rates_fill(mod):
@@ -279,10 +334,16 @@ def test_dice_and_lovasz_hand_cases(mod):
     assert mod.lovasz_softmax(logits, target).item() == pytest.approx(0.25, abs=1e-5)
     # one class only, errors 0.2 and 0.4: the Lovasz extension is their mean, 0.3
     logits = logits_from_probs(torch.tensor([[0.8, 0.6], [0.2, 0.4]])[None, :, None, :]).float()
-    assert mod.lovasz_softmax(logits, torch.tensor([[[0, 0]]])).item() == pytest.approx(0.3, abs=1e-5)
+    assert mod.lovasz_softmax(logits, torch.tensor([[[0, 0]]])).item() == pytest.approx(
+        0.3, abs=1e-5
+    )
     # a 255 pixel changes nothing
-    logits3 = logits_from_probs(torch.tensor([[0.8, 0.6, 0.01], [0.2, 0.4, 0.99]])[None, :, None, :]).float()
-    assert mod.lovasz_softmax(logits3, torch.tensor([[[0, 0, 255]]])).item() == pytest.approx(0.3, abs=1e-5)
+    logits3 = logits_from_probs(
+        torch.tensor([[0.8, 0.6, 0.01], [0.2, 0.4, 0.99]])[None, :, None, :]
+    ).float()
+    assert mod.lovasz_softmax(logits3, torch.tensor([[[0, 0, 255]]])).item() == pytest.approx(
+        0.3, abs=1e-5
+    )
 
 
 def test_losses_with_only_ignored_pixels_still_backpropagate(mod):
@@ -315,7 +376,9 @@ def test_ohem_keeps_hard_pixels_at_least_min_kept_and_never_255(mod):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     logits2 = logits.clone()
     logits2.view(1, 2, -1)[:, :, :10] = torch.tensor([[-9.0], [9.0]])
-    assert mod.ohem_cross_entropy(logits2, target, 0.3, 40).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert mod.ohem_cross_entropy(logits2, target, 0.3, 40).item() == pytest.approx(
+        loss.item(), rel=1e-6
+    )
 
 
 def test_boundary_weighted_ce_with_unit_weights_is_cross_entropy(mod):
@@ -324,7 +387,9 @@ def test_boundary_weighted_ce_with_unit_weights_is_cross_entropy(mod):
     target = torch.randint(0, 4, (2, 5, 5))
     target[0, 0] = 255
     expected = F.cross_entropy(logits, target, ignore_index=255)
-    assert torch.allclose(mod.boundary_weighted_ce(logits, target, torch.ones(2, 5, 5)), expected, atol=1e-6)
+    assert torch.allclose(
+        mod.boundary_weighted_ce(logits, target, torch.ones(2, 5, 5)), expected, atol=1e-6
+    )
     doubled = mod.boundary_weighted_ce(logits, target, torch.full((2, 5, 5), 2.0))
     assert torch.allclose(doubled, 2 * expected, atol=1e-6)
 
@@ -403,6 +468,233 @@ def test_morphology_grows_only_into_background(mod):
     assert cleaned[13, 13] == 1
 
 
+def test_morphology_opening_removes_a_spur_for_good(mod):
+    """Pixels the opening takes from class 1 go to other classes, never back to class 1."""
+    labels = np.zeros((20, 24), dtype=np.int64)
+    labels[5:15, 5:15] = 1  # a square ...
+    labels[9, 15:20] = 1  # ... with a 1-px spur sticking out to the right
+    labels[12:18, 15:20] = 3  # and a region of class 3 near the spur's lower side
+    cleaned = mod.morphological_cleanup(labels, {1: dict(open=1)})
+    # the opening keeps the spur's first pixel (9, 15) (the square's edge dilated back) and
+    # cuts off the rest; the nearest pixel that kept its label is class 1 (the old rule's
+    # choice, which grew the spur straight back), the nearest of another class is background
+    assert (cleaned[9, 16:20] == 0).all()
+    assert (cleaned[12:18, 15:20] == 3).all()  # the other class is untouched
+    assert (cleaned[6:14, 6:14] == 1).all()  # the square's inside stays
+    assert cleaned[5, 5] == 0 and labels[5, 5] == 1  # the opening rounds the square's corners
+    corner = labels.copy()
+    corner[0:5, :], corner[:, 0:5] = 4, 4  # class 4 along the square's top and left sides
+    assert mod.morphological_cleanup(corner, {1: dict(open=1)})[5, 5] == 4  # nearest other class
+
+
+def blob_centroid_offset(mod, scale):
+    """Mean (over 64 sub-positions) of mask centroid - image centroid after rescale_batch, in
+    source pixels, for a 9 x 7 box drawn into both the image and the mask (label 2)."""
+    offsets = []
+    for top in range(4, 12):
+        for left in range(4, 12):
+            mask = torch.zeros(1, 40, 40, dtype=torch.long)
+            mask[:, top : top + 9, left : left + 7] = 2
+            image = (mask == 2).float()[:, None].expand(1, 3, 40, 40)
+            image, mask, weights = mod.rescale_batch(image, mask, mask.float() * 1.5, scale)
+            assert set(mask.unique().tolist()) <= {0, 2}  # labels are never interpolated ...
+            assert torch.equal(weights, mask.float() * 1.5)  # ... and weights travel with them
+            intensity, region = image[0, 0], (mask[0] == 2).float()
+            yy, xx = torch.meshgrid(
+                torch.arange(mask.shape[-2]).float(), torch.arange(mask.shape[-1]).float(),
+                indexing="ij",
+            )  # fmt: skip
+            for grid in (yy, xx):
+                centre_image = (intensity * grid).sum() / intensity.sum()
+                centre_mask = (region * grid).sum() / region.sum()
+                offsets.append(float(centre_mask - centre_image) / scale)
+    return float(np.mean(offsets))
+
+
+@pytest.mark.parametrize("scale", [0.75, 1.25])
+def test_rescale_batch_keeps_masks_on_their_images(mod, scale):
+    # legacy mode="nearest" puts the mask 0.5 (x0.75) or 0.3 (x1.25) source px off the image;
+    # nearest-exact only by how ties at exact pixel centres fall (at most 1/6 px here)
+    assert abs(blob_centroid_offset(mod, scale)) < 0.2
+
+
+def test_rescale_batch_antialiases_when_it_shrinks(mod):
+    stripes = torch.zeros(1, 3, 40, 40)
+    stripes[:, :, ::2] = 1.0  # 1-px stripes: pure aliasing when sampled at 0.75 without a filter
+    masks, weights = torch.zeros(1, 40, 40, dtype=torch.long), torch.ones(1, 40, 40)
+    small = mod.rescale_batch(stripes, masks, weights, 0.75)[0]
+    assert small.shape == (1, 3, 30, 30)
+    assert small.std() < 0.15  # averaged towards grey (without antialias: std 0.27)
+    large = mod.rescale_batch(stripes, masks, weights, 1.5)[0]
+    assert large.shape == (1, 3, 60, 60) and large.max() == 1.0  # enlarging: plain bilinear
+
+
+def test_every_loss_term_ignores_pixels_labelled_255(mod, isolated):
+    isolated(mod, OHEM_MIN_KEPT=8)
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (2, 6, 6))
+    target[0, :3] = 255
+    ignored = (target == 255)[:, None].expand(2, 4, 6, 6)
+    weights = torch.rand(2, 6, 6) + 0.5
+    for term in ("ce", "ohem", "boundary_ce", "dice", "lovasz", "focal"):
+        logits = torch.randn(2, 4, 6, 6, requires_grad=True)
+        loss = mod.mixed_loss(logits, target, weights, {term: 1.0})
+        loss.backward()
+        assert (logits.grad[ignored] == 0).all(), term  # no gradient reaches an ignored pixel
+        changed = logits.detach().clone()
+        changed[ignored] = 20 * torch.randn(int(ignored.sum()))
+        again = mod.mixed_loss(changed, target, weights, {term: 1.0})
+        assert again.item() == pytest.approx(loss.item(), rel=1e-6), term
+
+
+def test_miou_ignores_predictions_on_pixels_labelled_255(mod):
+    torch.manual_seed(0)
+    masks = torch.randint(0, 6, (3, 16, 16))
+    masks[:, :5] = 255
+    preds = torch.randint(0, 6, (3, 16, 16))
+    other = preds.clone()
+    other[:, :5] = (other[:, :5] + 1) % 6  # different predictions where the label is 255 only
+    assert mod.score_labels(preds, masks)["miou"] == mod.score_labels(other, masks)["miou"]
+
+
+class BatchNormNet(nn.Module):
+    """conv -> BatchNorm -> 1x1 conv: its output in training mode depends on the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)))
+
+
+def test_prediction_and_tta_run_the_model_in_eval_mode(mod):
+    torch.manual_seed(0)
+    model = BatchNormNet()
+    with torch.no_grad():
+        model.norm.running_mean.fill_(0.3)  # statistics unlike any batch's own
+        model.norm.running_var.fill_(2.0)
+    images = torch.rand(4, 3, 8, 8)
+    expected = copy.deepcopy(model).eval()(images).detach()
+    for predict in (
+        lambda: mod.predict_logits(model, images, torch.device("cpu")),
+        lambda: mod.tta_predict(model, images, scales=(1.0,), flips=False, rot90=False).log(),
+    ):
+        model.train()  # as fit() leaves it
+        out = predict()
+        assert torch.allclose(out.log_softmax(1), expected.log_softmax(1), atol=1e-5)
+        assert model.norm.running_mean.eq(0.3).all() and int(model.norm.num_batches_tracked) == 0
+
+
+def dihedral_numpy(x, k, flip):
+    """The k-th quarter turn (then a left-right flip) of (..., H, W), written with numpy."""
+    y = np.rot90(x, k, axes=(-2, -1))
+    return np.flip(y, axis=-1) if flip else y
+
+
+def test_tta_averages_the_probabilities_of_each_undone_pass(mod):
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 3, padding=1)  # not symmetric: every pass differs
+    with torch.no_grad():
+        model.weight.mul_(6)  # confident, so that averaging logits would give other numbers
+    images = torch.rand(2, 3, 9, 11)
+    probs = []
+    for k in range(4):
+        for flip in (False, True):
+            seen = torch.from_numpy(dihedral_numpy(images.numpy(), k, flip).copy())
+            out = model(seen).detach().numpy()
+            undone = np.rot90(np.flip(out, axis=-1) if flip else out, -k, axes=(-2, -1))  # undo
+            probs.append(torch.from_numpy(undone.copy()).softmax(1))
+    expected = torch.stack(probs).mean(0)
+    tta = mod.tta_predict(model, images, scales=(1.0,), flips=True, rot90=True)
+    assert torch.allclose(tta, expected, atol=1e-6)
+    logits_mean = torch.stack([p.log() for p in probs]).mean(0).softmax(1)
+    assert not torch.allclose(logits_mean, expected, atol=1e-3)  # the test can tell them apart
+
+
+def test_fit_trains_in_training_mode_every_epoch(mod, isolated):
+    """Validation puts the model in eval mode; each epoch must switch BatchNorm back to training."""
+    isolated(mod, SPLIT_SIZES=(16, 4, 4), BATCH_SIZE=8, EPOCHS=2, PATIENCE=5, OHEM_MIN_KEPT=64)
+    data = {split: mod.make_split(split, 16, 0) for split in ("train", "val", "test")}
+    data["train"]["weights"] = torch.ones(16, 16, 16)
+    torch.manual_seed(0)
+    model = mod.DilatedAttentionNet(width=4)
+    row = mod.ablation_row("test", False, False, dict(ce=1.0), None)
+    history = mod.fit(model, data, row, torch.device("cpu"), mod.OUTPUT_DIR / "row.pt", seed=0)
+    assert len(history) == 2
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(int(m.num_batches_tracked) == 2 * 2 for m in norms)  # 2 epochs x 2 batches
+
+
+def test_each_ablation_claim_has_its_own_row(mod, isolated):
+    rows = {row["name"]: row for row in mod.ABLATION_ROWS}
+    keys = ("cbam", "position", "loss", "multiscale")
+
+    def changes(row):
+        return {k for k in keys if row[k] != rows[row["against"]][k]}
+
+    for row in mod.ABLATION_ROWS:
+        assert row["against"] is None or row["against"] in rows
+    single = [row for row in rows.values() if row["against"] and len(changes(row)) == 1]
+    assert {"cbam", "position", "loss", "multiscale"} == {k for r in single for k in changes(r)}
+    assert any(r["cbam"] and not r["position"] for r in single)  # CBAM alone
+    assert any(r["position"] and not r["cbam"] for r in single)  # position attention alone
+    alone = [r["loss"] for r in single if changes(r) == {"loss"}]
+    for term, weight in mod.LOSS_WEIGHTS.items():
+        if weight:
+            assert {term: 1.0} in alone, term  # every loss of the mixed loss, alone
+    assert "mixed" in alone
+    assert [r["name"] for r in mod.ABLATION_ROWS if r["default"]] == [
+        r["name"] for r in mod.TRAINING_ROWS
+    ]
+
+
+def test_summarise_seeds_hand_case(mod):
+    def seed(base, cbam, tta, before):
+        return dict(rows=[
+            dict(name="baseline", miou=base, val_miou=base, boundary=0.5,
+                 iou_per_class={c: base for c in mod.CLASS_NAMES}),
+            dict(name="+ CBAM", miou=cbam, val_miou=cbam, boundary=0.5,
+                 iou_per_class={c: cbam for c in mod.CLASS_NAMES}),
+            dict(name="+ TTA: flips and rotations", miou=tta, val_miou=tta, boundary=0.5,
+                 iou_per_class={c: tta for c in mod.CLASS_NAMES}, kept=tta > before,
+                 test_miou_before=before),
+        ])  # fmt: skip
+
+    summary = mod.summarise_seeds(
+        [seed(0.50, 0.55, 0.60, 0.55), seed(0.40, 0.38, 0.42, 0.40), seed(0.60, 0.66, 0.61, 0.66)]
+    )
+    base, cbam, tta = summary
+    assert base["test_miou_mean"] == pytest.approx(0.5) and base["change_per_seed"] is None
+    assert base["test_miou_std"] == pytest.approx(0.1)  # sample standard deviation of .5 .4 .6
+    assert cbam["against"] == "baseline"
+    assert cbam["change_per_seed"] == pytest.approx([0.05, -0.02, 0.06])
+    assert cbam["same_sign_in_every_seed"] is False  # one seed disagrees: no claim
+    assert tta["change_per_seed"] == pytest.approx([0.05, 0.02, -0.05]) and tta["kept"] == 2
+
+
+def test_seed_ablation_end_to_end_on_tiny_settings(mod, isolated, capsys):
+    rows = mod.ABLATION_ROWS
+    tiny = dict(SPLIT_SIZES=(16, 8, 8), IMAGE_SIZE=16, WIDTH=4, TTA_SCALES=(1.0,))
+    isolated(mod, **dict(mod.QUICK, **tiny), ABLATION_ROWS=(rows[0], rows[1]))  # baseline, + CBAM
+    metrics = mod.main(["--seeds", "3", "4"])
+    saved = json.loads((mod.OUTPUT_DIR / "seeds" / "metrics.json").read_text())
+    assert saved["seeds"] == [3, 4] and len(saved["per_seed"]) == 2
+    names = [r["name"] for r in saved["summary"]]
+    assert names[:2] == ["baseline", "+ CBAM"] and len(names) == 2 + 4  # + 4 inference rows
+    cbam = saved["summary"][1]
+    per_seed = [{r["name"]: r["miou"] for r in s["rows"]} for s in saved["per_seed"]]
+    assert cbam["change_per_seed"] == pytest.approx(
+        [round(s["+ CBAM"] - s["baseline"], 4) for s in per_seed], abs=1e-4
+    )
+    assert metrics["summary"] == saved["summary"]
+    assert not (mod.OUTPUT_DIR / "metrics.json").exists()  # the default run's file is untouched
+    capsys.readouterr()
+    again = mod.main(["--seeds", "3", "4"])  # finished seeds are reused, not trained again
+    assert capsys.readouterr().out.count("reused") == 2 and again["summary"] == saved["summary"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Data, model, memory, training, export, main
 # ----------------------------------------------------------------------------------------------
@@ -419,29 +711,44 @@ def test_data_is_deterministic_and_has_all_classes(mod, isolated):
 
 
 def test_model_output_shape_at_odd_sizes(mod):
-    model = mod.SegNet(width=8, attention=True).eval()
+    model = mod.DilatedAttentionNet(width=8, cbam=True, position_attention=True).eval()
     for h, w in ((32, 32), (37, 50)):
         assert model(torch.rand(2, 3, h, w)).shape == (2, 6, h, w)
 
 
-def test_gradient_checkpointing_same_gradients_less_saved_memory(mod):
+def test_a_checkpointed_step_is_the_same_step_batchnorm_included(mod):
+    """Same gradients, same BatchNorm running statistics, updated once, and less saved memory."""
     images, masks = torch.rand(4, 3, 32, 32), torch.randint(0, 6, (4, 32, 32))
-    grads, saved = [], []
+    grads, stats, saved = [], [], []
     for enabled in (False, True):
         torch.manual_seed(0)
-        model = mod.SegNet(width=8, attention=True, grad_checkpoint=enabled).train()
-        saved.append(mod.saved_activation_bytes(model, images, masks))
-        F.cross_entropy(model(images), masks).backward()
+        model = mod.DilatedAttentionNet(
+            width=8, cbam=True, position_attention=True, grad_checkpoint=enabled
+        ).train()
+        saved.append(mod.saved_activation_bytes(model, images, masks))  # one step (no update)
+        torch.manual_seed(0)
+        model = mod.DilatedAttentionNet(
+            width=8, cbam=True, position_attention=True, grad_checkpoint=enabled
+        ).train()
+        F.cross_entropy(model(images), masks).backward()  # one training step's forward+backward
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert [int(m.num_batches_tracked) for m in norms] == [1] * len(norms)  # not 2
+        stats.append(torch.cat([torch.cat([m.running_mean, m.running_var]) for m in norms]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert torch.allclose(stats[0], stats[1], atol=1e-6)
     assert saved[1] < 0.8 * saved[0]
+    result = mod.measure_checkpointing(
+        dict(mod.model_config(True, True), width=8), images, masks, torch.device("cpu")
+    )
+    assert result["checkpointing"]["batchnorm_updates_per_step"] == 1
 
 
 def test_mixed_loss_training_learns_one_batch(mod, isolated):
     isolated(mod, SPLIT_SIZES=(8, 2, 2), OHEM_MIN_KEPT=256)
     data = mod.make_split("train", 32, seed=0)
     torch.manual_seed(0)
-    model = mod.SegNet(width=8)
+    model = mod.DilatedAttentionNet(width=8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     weights = torch.ones(8, 32, 32)
     losses = []
@@ -456,7 +763,7 @@ def test_mixed_loss_training_learns_one_batch(mod, isolated):
 
 def test_exported_model_matches_eager(mod, tmp_path):
     torch.manual_seed(0)
-    model = mod.SegNet(width=8, attention=True).eval()
+    model = mod.DilatedAttentionNet(width=8, cbam=True, position_attention=True).eval()
     with torch.no_grad():
         model.position.gamma.fill_(0.7)  # make the attention path count
     images = torch.rand(3, 3, 32, 32)
@@ -474,9 +781,37 @@ def test_a_failing_export_is_reported_and_leaves_no_stale_program(mod, tmp_path,
         raise RuntimeError("Constraints violated (width)!\nmore detail")
 
     monkeypatch.setattr(mod, "export_model", failing_export)
-    result = mod.check_export(mod.SegNet(width=8).eval(), torch.rand(2, 3, 32, 32), path)
+    result = mod.check_export(
+        mod.DilatedAttentionNet(width=8).eval(), torch.rand(2, 3, 32, 32), path
+    )
     assert result == {"error": "RuntimeError: Constraints violated (width)!"}
     assert not path.exists()
+
+
+def test_onnx_without_the_optional_packages_is_one_line(mod, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    note = mod.import_onnx_runtime()
+    assert isinstance(note, str) and "\n" not in note
+    assert note.startswith("onnxruntime is not installed") and "pip install" in note
+    result = mod.check_onnx(
+        mod.DilatedAttentionNet(width=4), torch.rand(2, 3, 16, 16), tmp_path / "m.onnx"
+    )
+    assert result == {"skipped": note} and not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_export_runs_in_onnxruntime_like_eager(mod, tmp_path):
+    for name in mod.ONNX_PACKAGES:
+        pytest.importorskip(name, reason=f"optional: {name} is not installed (pip install {name})")
+    torch.manual_seed(0)
+    model = mod.DilatedAttentionNet(width=8, cbam=True, position_attention=True).eval()
+    with torch.no_grad():
+        model.position.gamma.fill_(0.7)  # make the attention path count
+    images = torch.rand(3, 3, 32, 32)
+    result = mod.check_onnx(model, images, tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx").is_file()
+    assert result["max_abs_diff"] < 1e-4 and result["max_abs_diff_other_size"] < 1e-4
+    assert result["labels_agree"] == 1.0
+    assert result["ms_per_image_onnxruntime"] > 0 and result["ms_per_image_eager"] > 0
 
 
 def snapshot(folder):
