@@ -41,8 +41,8 @@ Nothing is downloaded. Such a run writes ``best_model.pt``, ``metrics.json``,
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU, float32 matmul ceiling ~280 GFLOP/s, shared with other jobs) the
-default run took 68 s in total and printed (abridged; the full output is in README.md)::
+On a 2-core CPU (no GPU, float32 matmul ceiling 291-299 GFLOP/s) the
+default run took 54 s in total and printed (abridged; the full output is in README.md)::
 
     leakage check, lesion Dice of a copy-the-nearest-training-slice 'model': slice-level split 0.823 vs patient-level split 0.295
     loss comparison after 2 epochs, validation lesion Dice: weighted_ce 0.513, dice_ce 0.000
@@ -56,7 +56,7 @@ default run took 68 s in total and printed (abridged; the full output is in READ
     test, out-of-domain scanner D (6 patients): mean +- std [Student-t 95% CI]
       dice         organ 0.907 +- 0.016 [0.891, 0.924] | lesion 0.744 +- 0.100 [0.638, 0.849]
       lesions found 14/14 (lesion-wise sensitivity 1.00), false-positive lesions 18
-    test Dice organ 0.973 | lesion 0.936 | total 68 s | outputs in .../outputs
+    test Dice organ 0.973 | lesion 0.936 | total 54 s | outputs in .../outputs
 
 With --data-dir on CHASE_DB1 (retinal vessels: 20 training photos of 999 x 960, 16 train + 4
 validation, 8 test, field-of-view masks) the same CPU took 333 s (ceiling 280-287 GFLOP/s; about
