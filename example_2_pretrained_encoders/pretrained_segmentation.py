@@ -51,9 +51,8 @@ DeepLabV3 is within 5 points of what its output stride allows; FPN predicts at s
 
 Real photos, DATASET = "folder" on Stanford Background (715 outdoor photos of ~320 x 240, 8
 classes, seeded 501/107/107 split), default settings, encoder from random weights:
-val mIoU 0.478, test mIoU 0.461 (0.462 with flips), pixel accuracy 0.701, in 606 s on a CPU that
-another job shared for the first 150 of the 600 steps (about 7.3 min undisturbed: 4 x ~103 s of
-training + 27 s). Timed on a 360 x 480 stand-in (367/101/233 photos): about 8 min here.
+val mIoU 0.478, test mIoU 0.461 (0.462 with flips), pixel accuracy 0.701, in 393 s on a 2-core
+CPU (matmul ceiling 259-319 GFLOP/s). Timed on a 360 x 480 stand-in (367/101/233 photos): about 8 min here.
 On a CPU that other programs keep busy, `OMP_NUM_THREADS=1 python ...` can be much faster.
 
 References
