@@ -161,16 +161,31 @@ def checkpoint_modules(model: nn.Module, kinds: tuple) -> nn.Module:
     return model
 
 
-def unet_example(number: int, script: str, config: Callable, in_channels: Callable, loss: Callable,
-                 train_loader: Callable, headline: Callable) -> Example:
+def unet_example(
+    number: int,
+    script: str,
+    config: Callable,
+    in_channels: Callable,
+    loss: Callable,
+    train_loader: Callable,
+    headline: Callable,
+) -> Example:
     """Examples 1 and 3: a U-Net whose DoubleConv blocks are checkpointed on request."""
 
     def build(m, grad_checkpoint):
         model = m.UNet(**config(m))
         return checkpoint_modules(model, (m.DoubleConv,)) if grad_checkpoint else model
 
-    return Example(f"{number}", script, build, lambda m: config(m)["num_classes"], in_channels,
-                   loss, train_loader, headline)
+    return Example(
+        f"{number}",
+        script,
+        build,
+        lambda m: config(m)["num_classes"],
+        in_channels,
+        loss,
+        train_loader,
+        headline,
+    )
 
 
 def example_2(architecture: str) -> Example:
@@ -198,7 +213,12 @@ def example_2(architecture: str) -> Example:
         lambda m, logits, masks: F.cross_entropy(logits, masks, ignore_index=m.IGNORE_INDEX),
         train_loader,
         lambda d: next(
-            dict(metric="test mIoU", value=run["miou"], seconds=run["train_seconds"], timed="training")
+            dict(
+                metric="test mIoU",
+                value=run["miou"],
+                seconds=run["train_seconds"],
+                timed="training",
+            )
             for run in d["runs"]
             if run["architecture"] == architecture
         ),
@@ -231,7 +251,10 @@ EXAMPLES = {
             lambda m, logits, masks: F.cross_entropy(logits, masks, ignore_index=m.IGNORE_INDEX),
             lambda m: m.build_loaders(m.SEED)["train"],
             lambda d: dict(
-                metric="test foreground IoU", value=d["test"]["foreground_iou"], seconds=d["total_seconds"], timed="run"
+                metric="test foreground IoU",
+                value=d["test"]["foreground_iou"],
+                seconds=d["total_seconds"],
+                timed="run",
             ),
         )
     ],
@@ -242,12 +265,15 @@ EXAMPLES = {
             "example_3_medical_segmentation/medical_segmentation.py",
             lambda m: m.model_config(2 * m.CONTEXT_SLICES + 1, len(m.CT_CLASS_NAMES)),
             lambda m: 2 * m.CONTEXT_SLICES + 1,
-            lambda m, logits, masks: m.make_loss(m.LOSS, torch.ones(logits.shape[1], device=logits.device))(
-                logits, masks
-            ),
+            lambda m, logits, masks: m.make_loss(
+                m.LOSS, torch.ones(logits.shape[1], device=logits.device)
+            )(logits, masks),
             example_3_loader,
             lambda d: dict(
-                metric="test lesion Dice", value=d["test"]["dice"]["lesion"], seconds=d["total_seconds"], timed="run"
+                metric="test lesion Dice",
+                value=d["test"]["dice"]["lesion"],
+                seconds=d["total_seconds"],
+                timed="run",
             ),
         )
     ],
@@ -332,7 +358,9 @@ def random_batch(ex: Example, m, device, memory_format) -> tuple:
 def autocast(device: torch.device, amp: bool):
     """float16 autocast on CUDA when amp is on; otherwise nothing (older PyTorch builds reject
     torch.autocast(device_type="mps") even when it is disabled)."""
-    return torch.autocast(device_type="cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+    return (
+        torch.autocast(device_type="cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+    )
 
 
 def training_step(ex: Example, m, model, optimizer, amp: bool) -> Callable:
@@ -356,7 +384,9 @@ def prepare(ex: Example, m, device, memory_format, grad_checkpoint=False):
     fuse it: CPU and CUDA), seeded."""
     torch.manual_seed(0)
     model = ex.build(m, grad_checkpoint).to(device, memory_format=memory_format).train()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    return model, torch.optim.AdamW(
+        model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda")
+    )
 
 
 def count_flops(step: Callable[[], object]) -> int:
@@ -439,7 +469,9 @@ def rss_mib(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
 
 
-def peak_step_memory(ex: Example, m, device, memory_format, grad_checkpoint: bool, amp: bool) -> float:
+def peak_step_memory(
+    ex: Example, m, device, memory_format, grad_checkpoint: bool, amp: bool
+) -> float:
     """MiB a training step adds at its peak: activations, gradients, optimizer state, workspace.
 
     CUDA: the caching allocator's peak. CPU: the peak resident memory of the process (Linux
@@ -464,7 +496,9 @@ def peak_step_memory(ex: Example, m, device, memory_format, grad_checkpoint: boo
     return rss_mib("VmHWM") - before
 
 
-def saved_activation_mib(ex: Example, m, device, memory_format, grad_checkpoint: bool, amp: bool) -> float:
+def saved_activation_mib(
+    ex: Example, m, device, memory_format, grad_checkpoint: bool, amp: bool
+) -> float:
     """MiB of the tensors autograd keeps for backward in one training step (weights not counted).
 
     Exact, and measured the same way on every device: every tensor saved for backward passes
@@ -489,7 +523,9 @@ def saved_activation_mib(ex: Example, m, device, memory_format, grad_checkpoint:
     return sum(size for pointer, size in sizes.items() if pointer not in weights) / 2**20
 
 
-def memory_in_subprocess(key: str, index: int, tiny: bool, overrides: dict, grad_checkpoint: bool) -> float | None:
+def memory_in_subprocess(
+    key: str, index: int, tiny: bool, overrides: dict, grad_checkpoint: bool
+) -> float | None:
     """Peak step memory on the CPU, measured in a fresh Python process; None where unsupported.
 
     Freed memory stays in the process (the C allocator keeps it for reuse), so a second
@@ -602,7 +638,9 @@ def benchmark_example(key: str, index: int, device, tiny: bool, overrides: dict)
             matmul_dtype="float16" if amp else "float32",
             fraction_of_matmul=rate / peak_rate,
             conv_matmul_time_share=heavy_share,
-            conv_matmul_fraction_of_matmul=None if heavy_share is None else rate / heavy_share / peak_rate,
+            conv_matmul_fraction_of_matmul=None
+            if heavy_share is None
+            else rate / heavy_share / peak_rate,
             inference_ms_per_image=latency * 1e3,
             data_seconds_per_batch=data_seconds,
             data_wait_share=wait_share,
@@ -652,17 +690,20 @@ def print_table(rows: list[dict], machine: dict) -> None:
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         peak, act, headline = r["peak_memory_mib"], r["activation_mib"], r["headline"]
-        shown = "-" if headline is None else (
-            f"{headline['metric']} {headline['value']:.3f}, {headline['timed']} {headline['seconds']:.0f} s"
-        )
+        shown = "-"
+        if headline is not None:
+            shown = f"{headline['metric']} {headline['value']:.3f}, "
+            shown += f"{headline['timed']} {headline['seconds']:.0f} s"
         print(
-            f"{r['example']:<13}{fmt(peak['plain'], '.0f'):>9}{fmt(peak['checkpointing'], '.0f'):>7}"
-            f"{fmt(peak.get('plain_fp32'), '.0f'):>7}{act['plain']:>16.1f}{act['checkpointing']:>7.1f}{r['data_wait_share']:>10.0%}{shown:>50}"
+            f"{r['example']:<13}{fmt(peak['plain'], '.0f'):>9}"
+            f"{fmt(peak['checkpointing'], '.0f'):>7}{fmt(peak.get('plain_fp32'), '.0f'):>7}"
+            f"{act['plain']:>16.1f}{act['checkpointing']:>7.1f}"
+            f"{r['data_wait_share']:>10.0%}{shown:>50}"
         )
     print(
-        "\nof matmul: the training step's FLOP rate / the matmul rate in the step's precision (float32 "
-        "on a CPU, float16 on CUDA). conv time (CPU only): share of the step spent in convolutions "
-        "and matmuls; conv rate: their own FLOP rate / the matmul rate. "
+        "\nof matmul: the training step's FLOP rate / the matmul rate in the step's precision "
+        "(float32 on a CPU, float16 on CUDA). conv time (CPU only): share of the step spent in "
+        "convolutions and matmuls; conv rate: their own FLOP rate / the matmul rate. "
         "other layout: how much faster (+) the step is in the memory layout the example does not "
         "use. peak: MiB a training step adds at its peak (CPU: resident memory, which memory the "
         "process freed earlier and reuses can understate); no AMP: the same in float32 (CUDA); "
@@ -701,11 +742,15 @@ def parse_overrides(assignments: list[str]) -> dict:
     for assignment in assignments:
         name, _, value = assignment.partition("=")
         if not name.isupper() or not value:
-            raise SystemExit(f"error: --set expects NAME=VALUE with an UPPERCASE name, got {assignment!r}")
+            raise SystemExit(
+                f"error: --set expects NAME=VALUE with an UPPERCASE name, got {assignment!r}"
+            )
         try:
             overrides[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise SystemExit(f"error: --set {assignment!r}: the value is not a Python literal") from None
+            raise SystemExit(
+                f"error: --set {assignment!r}: the value is not a Python literal"
+            ) from None
     return overrides
 
 
@@ -722,7 +767,9 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="NAME=VALUE",
         help="change a constant of the examples that have it, e.g. --set BASE_CHANNELS=16",
     )
-    parser.add_argument("--memory-probe", nargs=2, metavar=("EXAMPLE", "INDEX"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-probe", nargs=2, metavar=("EXAMPLE", "INDEX"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tiny:
@@ -733,7 +780,11 @@ def main(argv: list[str] | None = None) -> dict:
         ex = EXAMPLES[args.memory_probe[0]][int(args.memory_probe[1])]
         m = load_script(ex.script)
         with example_constants(m, args.tiny, overrides):
-            print(peak_step_memory(ex, m, device, m.memory_format(device), args.grad_checkpoint, amp=False))
+            print(
+                peak_step_memory(
+                    ex, m, device, m.memory_format(device), args.grad_checkpoint, amp=False
+                )
+            )
         return {}
     # cudnn.benchmark: let cuDNN time its algorithms for each new input shape and keep the
     # fastest; it pays off whenever the shapes repeat, as in a training loop.

@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import load_script
 
 bench = load_script("benchmarks/benchmark.py")
@@ -24,7 +23,10 @@ def conv_flops(n, c_in, c_out, h_out, w_out, k):
 
 @pytest.mark.parametrize(
     "stride, padding, h_out, w_out",
-    [(1, 1, 7, 9), (2, 0, 3, 4)],  # (7 + 2 - 3) / 1 + 1 = 7; (7 - 3) // 2 + 1 = 3, (9 - 3) // 2 + 1 = 4
+    [
+        (1, 1, 7, 9),
+        (2, 0, 3, 4),
+    ],  # (7 + 2 - 3) / 1 + 1 = 7; (7 - 3) // 2 + 1 = 3, (9 - 3) // 2 + 1 = 4
 )
 def test_flop_count_of_a_convolution_matches_the_closed_form(stride, padding, h_out, w_out):
     conv = nn.Conv2d(3, 5, kernel_size=3, stride=stride, padding=padding)
@@ -32,7 +34,7 @@ def test_flop_count_of_a_convolution_matches_the_closed_form(stride, padding, h_
     assert conv(x).shape[-2:] == (h_out, w_out)
     forward = conv_flops(2, 3, 5, h_out, w_out, 3)
     assert bench.count_flops(lambda: conv(x)) == forward
-    # backward computes two products of the same size: the gradient for the input and for the weights
+    # backward computes two products of the same size: the gradients for the input and weights
     x.requires_grad_(True)
     assert bench.count_flops(lambda: conv(x).sum().backward()) == 3 * forward
 
@@ -67,7 +69,9 @@ def test_gradient_checkpointing_wrapper_gives_the_same_loss_and_gradients():
     wrapped = ex1.UNet(base_channels=4, depth=2)
     wrapped.load_state_dict(plain.state_dict())
     bench.checkpoint_modules(wrapped, (ex1.DoubleConv,))
-    assert sum(type(m).__name__ == "Checkpointed" for m in wrapped.modules()) == 5  # inc, 2 down, 2 up
+    assert (
+        sum(type(m).__name__ == "Checkpointed" for m in wrapped.modules()) == 5
+    )  # inc, 2 down, 2 up
     x = torch.randn(2, 3, 16, 16)
     losses = []
     for model in (plain, wrapped):
@@ -82,7 +86,9 @@ def test_gradient_checkpointing_wrapper_gives_the_same_loss_and_gradients():
 
 
 def test_overrides_are_parsed_applied_and_restored():
-    overrides = bench.parse_overrides(["BASE_CHANNELS=4", "NOISE_STD=(0.0, 0.01)", "NOT_IN_EXAMPLE_1=3"])
+    overrides = bench.parse_overrides(
+        ["BASE_CHANNELS=4", "NOISE_STD=(0.0, 0.01)", "NOT_IN_EXAMPLE_1=3"]
+    )
     assert overrides == {"BASE_CHANNELS": 4, "NOISE_STD": (0.0, 0.01), "NOT_IN_EXAMPLE_1": 3}
     before = ex1.BASE_CHANNELS, ex1.IMAGE_SIZE
     with bench.example_constants(ex1, tiny=True, overrides=overrides):
@@ -105,14 +111,18 @@ def test_headline_metrics_are_read_from_each_examples_metrics_json(tmp_path, mon
     one, (deeplab, fpn), four = bench.EXAMPLES["1"][0], bench.EXAMPLES["2"], bench.EXAMPLES["4"][0]
     assert bench.read_headline(one) is None  # no run yet
     write(one, {"test": {"foreground_iou": 0.9}, "total_seconds": 170.0})
-    assert bench.read_headline(one) == dict(metric="test foreground IoU", value=0.9, seconds=170.0, timed="run")
+    assert bench.read_headline(one) == dict(
+        metric="test foreground IoU", value=0.9, seconds=170.0, timed="run"
+    )
     runs = [
         dict(model="deeplabv3_resnet18", architecture="deeplabv3", miou=0.5, train_seconds=280.0),
         dict(model="fpn_resnet18", architecture="fpn", miou=0.9, train_seconds=150.0),
     ]
     write(deeplab, {"runs": runs})
     assert bench.read_headline(deeplab)["value"] == 0.5
-    assert bench.read_headline(fpn) == dict(metric="test mIoU", value=0.9, seconds=150.0, timed="training")
+    assert bench.read_headline(fpn) == dict(
+        metric="test mIoU", value=0.9, seconds=150.0, timed="training"
+    )
     ablation = [  # the final pipeline is the last row kept (training rows have no "kept")
         dict(name="baseline", miou=0.4),
         dict(name="+ TTA", miou=0.8, kept=True),
@@ -138,7 +148,9 @@ def test_benchmark_runs_end_to_end_on_a_tiny_configuration(isolated, tmp_path):
     assert row["batch_size"] == ex1.BATCH_SIZE
     assert row["channels_last"] == (ex1.memory_format(bench.pick_device()) == torch.channels_last)
     # the step's FLOPs are those of the tiny U-Net's forward and backward on one batch: recount
-    model = ex1.UNet(base_channels=ex1.QUICK["BASE_CHANNELS"], depth=ex1.QUICK["DEPTH"], bilinear=ex1.BILINEAR)
+    model = ex1.UNet(
+        base_channels=ex1.QUICK["BASE_CHANNELS"], depth=ex1.QUICK["DEPTH"], bilinear=ex1.BILINEAR
+    )
     assert row["parameters"] == sum(p.numel() for p in model.parameters())
     size = ex1.QUICK["IMAGE_SIZE"]
     images = torch.rand(ex1.BATCH_SIZE, 3, size, size)
@@ -151,7 +163,9 @@ def test_benchmark_runs_end_to_end_on_a_tiny_configuration(isolated, tmp_path):
     if bench.pick_device().type == "cpu":  # the operator-time breakdown is measured on the CPU only
         assert 0 < row["conv_matmul_time_share"] <= 1
     else:
-        assert row["conv_matmul_time_share"] is None and row["conv_matmul_fraction_of_matmul"] is None
+        assert (
+            row["conv_matmul_time_share"] is None and row["conv_matmul_fraction_of_matmul"] is None
+        )
     assert 0 <= row["data_wait_share"] < 1 and row["data_seconds_per_batch"] > 0
     assert row["inference_ms_per_image"] > 0
     for value in row["peak_memory_mib"].values():
