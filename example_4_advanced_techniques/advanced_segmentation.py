@@ -14,7 +14,8 @@ What you will learn
 - Test-time augmentation (TTA): flips, 90-degree rotations and scales, each undone on the
   prediction before the probabilities are averaged.
 - A fully connected CRF (Krähenbühl & Koltun) with mean-field inference written with torch and
-  numpy only, made fast by a permutohedral lattice, and how far that is from the exact CRF.
+  numpy only: exact on a small image, made fast by a permutohedral lattice (the appendix), and
+  how far the fast one is from the exact one.
 - Morphological post-processing per class with scipy.ndimage.
 - Losses beyond cross-entropy, all on logits and ignoring label 255: focal, soft Dice,
   Lovasz-softmax, the U-Net paper's boundary-weighted cross-entropy, a weighted mixed loss and
@@ -30,14 +31,15 @@ How to run
 ----------
 From this folder (``example_4_advanced_techniques/``)::
 
-    python advanced_segmentation.py               # the ablation, one seed: @@DEFAULT_TIME@@
-    python advanced_segmentation.py --seeds 0 1 2  # every row, three seeds: @@SEEDS_TIME@@
+    python advanced_segmentation.py               # the ablation, one seed: about 2.5 minutes
+    python advanced_segmentation.py --seeds 0 1 2  # every row, three seeds: about 18 minutes
     python advanced_segmentation.py --quick       # tiny set-up check (about 30 s): outputs/quick/
     python advanced_segmentation.py --predict my_image.png   # segment your own image (after a run)
 
 Add ``--threads 1`` on a machine whose cores other programs keep busy. The ONNX check needs the
 optional packages ``pip install onnx onnxscript onnxruntime``; without them the run prints one
-line and skips it.
+line and skips it. Change a setting in the "Settings" cell below and run again. Each "# %%" line
+starts a cell, so the file also runs cell by cell in Jupyter or VS Code.
 
 Everything is written to ``outputs/`` beside this script: one checkpoint per trained ablation
 row (``row0.pt`` .. ``row3.pt``), ``model.pt`` (the row that validation prefers, with the
@@ -48,37 +50,30 @@ program), ``model.onnx``, ``metrics.json`` and the figures ``receptive_field.png
 
 What you should see
 -------------------
-On a shared 2-core CPU (no GPU; matmul ceiling 293-295 GFLOP/s) the default run, started with
-``--threads 1`` because other programs kept the second core busy, took 179 s and printed::
+On a 2-core CPU (no GPU), with torch's default two threads, the default run took 139 s and
+printed (long lines cut here)::
 
     ablation                                     val mIoU test mIoU bound.F1 seconds  kept
-    baseline                                       0.4820    0.4766   0.5574    23.7
-    + attention (CBAM, position)                   0.5228    0.5177   0.5991    25.0
-    + mixed loss with OHEM                         0.7982    0.7910   0.9611    38.0
-    + multi-scale training                         0.7280    0.7169   0.9187    55.5
-    + TTA: flips and rotations                     0.8166    0.8113   0.9644     1.6  yes
-    + multi-scale inference (0.75, 1.0, 1.25)      0.7010    0.7001   0.8322     5.7  no
-    + dense CRF                                    0.8299    0.8292   0.9584     1.6  yes
-    + morphology                                   0.8167    0.8174   0.9421     0.2  no
-    receptive field of the network: encoder 83 px, with the decoder 95 or 99 px ...
-    gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), step time +24%, ...
-    latency, one 64x64 image at a time on 1 thread(s): eager 3.4 ms, torch.export 3.5 ms,
-    onnxruntime 1.3 ms
-    CRF 500x375, 21 labels, 5 iterations: 0.41 s first call, 0.30 s with the smoothness lattice
-    cached (C++ reference ~0.3 s)
+    baseline                                       0.4801    0.4762   0.5575    17.2
+    + attention (CBAM, position)                   0.5227    0.5193   0.5999    17.7
+    + mixed loss with OHEM                         0.7958    0.7890   0.9609    29.4
+    + multi-scale training                         0.7228    0.7116   0.9134    42.3
+    + TTA: flips and rotations                     0.8180    0.8096   0.9644     1.3  yes
+    + multi-scale inference (0.75, 1.0, 1.25)      0.6931    0.6931   0.8289     3.6  no
+    + dense CRF                                    0.8290    0.8259   0.9578     1.4  yes
+    + morphology                                   0.8157    0.8137   0.9412     0.3  no
+    lattice vs exact CRF on a 64x64 image: labels agree on 99.93% of pixels, ...
+    gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), ...
 
-With the default two threads on a quiet machine (ceiling 316-320 GFLOP/s) the run took 119 s;
-sums in another order move the third decimal (mixed loss 0.7890, final pipeline 0.8259).
+The final pipeline (the mixed-loss row, flips and rotations, the tuned dense CRF) scores test
+mIoU 0.826. ``--seeds 0 1 2`` repeats every row with three seeds (18 min on one thread): the
+final pipeline scores 0.835 +- 0.007; the losses that weigh classes (+24 to +29 mIoU over
+cross-entropy), attention (+4 to +5, mostly CBAM's doing), flips and rotations at test time and
+the tuned CRF help in every seed, while multi-scale training, multi-scale inference and
+morphology hurt in every seed. README.md has the table and the reasons.
 
-``--threads 1 --seeds 0 1 2`` took 324 + 380 + 363 s (every row, three seeds; test mIoU mean
-+- standard deviation): baseline 0.471 +- 0.012; CBAM alone 0.517 +- 0.010; position attention
-alone 0.485 +- 0.016; both 0.519 +- 0.011; with attention, OHEM alone 0.662 +- 0.022,
-boundary-weighted CE alone 0.764 +- 0.005, soft Dice alone 0.771 +- 0.006, Lovasz alone
-0.797 +- 0.004, the mixed loss 0.796 +- 0.005; + multi-scale training 0.682 +- 0.034; then flips
-and rotations 0.814, the tuned dense CRF 0.835 +- 0.007. What holds in every seed: the losses
-that weigh classes (Lovasz, Dice, the weighted CE) are the big step (+24 to +29 mIoU: they find
-the rare gem and the tiny pebbles that cross-entropy never predicts); the mixed loss is no better
-than Lovasz alone; attention helps (+4 to +5), mostly CBAM's doing (position attention alone
+References
+----------
 +1 to +2; on top of CBAM it changes -0.7 to +1.1 points: no claim); flips and rotations at test
 time (+1.1 to +2.1) and the tuned CRF (+1.8 to +2.5) help; multi-scale training (-7 to -15),
 multi-scale inference (-10 to -11) and morphology (-1.1 to -1.4) do not: rescaling changes the
@@ -137,8 +132,9 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------------------------
-# Hyperparameters: edit these and run again.
+# %% Settings
+# ===============================================================================================
+# Edit these: the knobs you will want to turn, then run again.
 # data
 IMAGE_SIZE = 64  # pixels per side; small, so that four models train on a 2-core CPU
 SPLIT_SIZES = (256, 64, 96)  # train / val / test images
@@ -147,24 +143,32 @@ NOISE_STD = 0.07  # pixel noise added after the soft (blurred) boundaries are dr
 # model
 WIDTH = 24  # channels at 1/2 resolution; 2 * WIDTH at 1/4 resolution (the output stride 4)
 DILATIONS = (1, 2, 5)  # hybrid dilation rates of the context blocks; try (2, 2, 2) for gridding
-CBAM_REDUCTION = 4  # CBAM's MLP squeezes C -> C / 4 -> C (the paper's 16 needs wider layers)
-ATTENTION_KEY_REDUCTION = 8  # position attention projects query / key to C / 8 (DANet)
 GRAD_CHECKPOINT = False  # recompute each stage in backward instead of storing its activations
 # training
 EPOCHS = 12  # upper bound per ablation row; early stopping usually ends sooner
 BATCH_SIZE = 16
 LEARNING_RATE = 3e-3  # AdamW's step size at the start; poly decay brings it towards 0
-WEIGHT_DECAY = 1e-4
 PATIENCE = 4  # stop a row when validation mIoU has not improved for this many epochs
 TRAIN_SCALES = (0.75, 1.0, 1.25, 1.5)  # multi-scale training: one random scale per batch
 LOSS_WEIGHTS = dict(ohem=1.0, boundary_ce=0.5, dice=0.5, lovasz=0.5, focal=0.0)  # mixed loss
+# inference and post-processing
+TTA_SCALES = (0.75, 1.0, 1.25)  # multi-scale inference; with flips and 4 rotations: 24 passes
+CRF_ITERATIONS = 5  # mean-field iterations (pydensecrf's default)
+# system
+SEED = 0  # same seed -> same data, same initial weights, same numbers
+DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
+CPU_THREADS = None  # torch threads on a CPU; None = one per core; 1 when other programs share
+# the cores (threads that wait for each other crawl)
+OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
+# -----------------------------------------------------------------------------------------------
+# Advanced settings: defaults that rarely need a change.
+CBAM_REDUCTION = 4  # CBAM's MLP squeezes C -> C / 4 -> C (the paper's 16 needs wider layers)
+ATTENTION_KEY_REDUCTION = 8  # position attention projects query / key to C / 8 (DANet)
+WEIGHT_DECAY = 1e-4
 FOCAL_GAMMA = 2.0  # focal loss: 0 gives cross-entropy, 2 is the paper's default
 OHEM_THRESHOLD = 0.7  # OHEM keeps pixels whose true-class probability is below this ...
 OHEM_MIN_KEPT = 4096  # ... but never fewer than this many pixels per batch
 UNET_W0, UNET_SIGMA = 10.0, 5.0  # U-Net weight map: w0 * exp(-(d1 + d2)^2 / (2 sigma^2))
-# inference and post-processing
-TTA_SCALES = (0.75, 1.0, 1.25)  # multi-scale inference; with flips and 4 rotations: 24 passes
-CRF_ITERATIONS = 5  # mean-field iterations (pydensecrf's default)
 # the reference implementation's defaults (pydensecrf); used by the speed benchmark
 CRF_PARAMS = dict(smooth_sxy=3.0, smooth_weight=3.0, app_sxy=80.0, app_srgb=13.0, app_weight=10.0)
 CRF_CANDIDATES = (  # tried on the validation split; the best is used on the test split
@@ -186,15 +190,10 @@ MORPHOLOGY = {  # per class: opening / closing radius, fill holes, smallest comp
     4: dict(open=1, close=1, fill_holes=True, min_size=12),  # tile: medium squares
     5: dict(open=0, close=0, fill_holes=True, min_size=4),  # gem: rare and small
 }
-CRF_BENCHMARK_SIZE = (375, 500)  # H, W of the speed benchmark (the reference: 0.3 s, 21 labels)
+CRF_BENCHMARK_SIZE = (375, 500)  # H, W of the CRF speed benchmark (the reference's 500 x 375)
 BOUNDARY_TOLERANCE = 2  # boundary F1: a boundary pixel counts as matched within this distance
-# system
-SEED = 0  # same seed -> same data, same initial weights, same numbers
-DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
-CPU_THREADS = None  # torch threads on a CPU; None = torch's default, one per core. Set 1 when
-# other programs share the cores: threads that wait for each other crawl (measured on a busy
-# 2-core machine: batch-1 inference 10 ms with 1 thread, 840 ms with 2).
-OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
+NUM_WORKERS = "auto"  # DataLoader processes: "auto" = 0 on a CPU (a worker would compete with
+# training for the same cores), min(8, cores - 1) with CUDA; or a number
 # --quick: a tiny configuration that runs in about 30 s, to check that everything works
 QUICK = dict(
     IMAGE_SIZE=32,
@@ -207,10 +206,8 @@ QUICK = dict(
     CRF_CANDIDATES=CRF_CANDIDATES[:1],
     CRF_BENCHMARK_SIZE=(60, 80),
 )
-# -----------------------------------------------------------------------------------------------
-
 CLASS_NAMES = ("background", "field", "pebble", "wire", "tile", "gem")
-CLASS_COLOURS = np.array(  # for drawing label maps
+CLASS_COLORS = np.array(  # for drawing label maps
     [
         [0.1, 0.1, 0.1],
         [0.2, 0.7, 0.2],
@@ -223,39 +220,7 @@ CLASS_COLOURS = np.array(  # for drawing label maps
 IGNORE_INDEX = 255  # label value the losses and the metrics skip
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch so that a run can be repeated exactly."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds CUDA and MPS
-
-
-def pick_device(name: str) -> torch.device:
-    """Return the device named by DEVICE; "auto" prefers CUDA, then Apple MPS, then the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """How image-like tensors are laid out in memory: channels-last on CUDA, the default elsewhere.
-
-    channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
-    order in which NVIDIA's tensor cores convolve fastest, above all in mixed precision. On a
-    2-core CPU it changed this model's training step by -25% to +16% from run to run: no
-    consistent gain, so there we keep the default. We keep channels-last on CUDA as in the other
-    examples, but measure before you assume: on an H200 this model's training step was 15% faster
-    in the default layout. benchmarks/benchmark.py measures both layouts.
-    """
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-# ===============================================================================================
-# 1. Data: scenes where the advanced techniques matter
+# %% 1. Data: scenes where the advanced techniques matter
 # ===============================================================================================
 # Each image is a textured ground with six classes that stress different weaknesses:
 #   field  - one big blob with a wobbly outline (large scale: needs a large receptive field),
@@ -279,23 +244,14 @@ def smooth_noise(rng: np.random.Generator, size: int, cells: int = 5) -> np.ndar
     return ndimage.zoom(grid, size / cells, order=3, mode="reflect")[:size, :size]
 
 
-def draw_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image (3, size, size) float32 in [0, 1] and its label map (size, size) int64."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
-    labels = np.zeros((size, size), dtype=np.int64)
-    base = np.array(
-        [
-            [0.45, 0.42, 0.38],
-            [0.25, 0.55, 0.25],
-            [0.80, 0.75, 0.55],
-            [0.10, 0.10, 0.16],
-            [0.50, 0.45, 0.40],
-            [0.70, 0.25, 0.70],
-        ]
-    )  # mean colour per class
-    colours = np.clip(base + rng.uniform(-0.08, 0.08, size=base.shape), 0, 1)
-    image = colours[0][:, None, None] + 0.12 * smooth_noise(rng, size)  # the textured ground
-    layers = []  # (mask, class) in drawing order: later layers cover earlier ones
+def scene_layers(
+    rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarray
+) -> list[tuple[np.ndarray, int]]:
+    """The objects of one scene as (mask (size, size) bool, class), in drawing order.
+
+    x, y: the pixel centres' coordinates (size, size). Later layers cover earlier ones.
+    """
+    layers = []
     # 1) field: a blob whose radius wobbles with the angle (a noisy, irregular boundary)
     if rng.random() < 0.8:
         cx, cy = rng.uniform(0.25, 0.75, size=2) * size
@@ -330,10 +286,29 @@ def draw_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     if rng.random() < RARE_CLASS_PROBABILITY:
         cx, cy = rng.uniform(0.15, 0.85, size=2) * size
         layers.append((np.abs(x - cx) + np.abs(y - cy) < rng.uniform(2.5, 4.0), 5))
+    return layers
+
+
+def draw_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image (3, size, size) float32 in [0, 1] and its label map (size, size) int64."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
+    labels = np.zeros((size, size), dtype=np.int64)
+    base = np.array(
+        [
+            [0.45, 0.42, 0.38],
+            [0.25, 0.55, 0.25],
+            [0.80, 0.75, 0.55],
+            [0.10, 0.10, 0.16],
+            [0.50, 0.45, 0.40],
+            [0.70, 0.25, 0.70],
+        ]
+    )  # mean colour per class
+    colors = np.clip(base + rng.uniform(-0.08, 0.08, size=base.shape), 0, 1)
+    image = colors[0][:, None, None] + 0.12 * smooth_noise(rng, size)  # the textured ground
     stripes = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * (x + y) / 4.0))  # tile texture, period ~3 px
-    for mask, cls in layers:
+    for mask, cls in scene_layers(rng, size, x, y):
         labels[mask] = cls
-        paint = colours[cls][:, None, None] * np.ones((3, size, size))
+        paint = colors[cls][:, None, None] * np.ones((3, size, size))
         if cls == 1:
             paint = paint + 0.1 * smooth_noise(rng, size)
         if cls == 4:
@@ -389,21 +364,31 @@ def make_datasets(seed: int) -> dict[str, dict[str, torch.Tensor]]:
     return data
 
 
+def describe_data(data: dict, device: torch.device) -> None:
+    """Print the device, the split sizes and each class's share of the training pixels."""
+    print(
+        f"device: {device} | {IMAGE_SIZE}x{IMAGE_SIZE} images, splits {SPLIT_SIZES} | "
+        f"outputs: {OUTPUT_DIR}"
+    )
+    shares = ", ".join(f"{n} {f:.1%}" for n, f in zip(CLASS_NAMES, data["class_frequency"]))
+    print(f"class pixel shares (train): {shares}")
+
+
 def train_loader(train: dict[str, torch.Tensor], seed: int) -> DataLoader:
-    """Shuffled (image, mask, weight map) batches; the last incomplete batch is dropped
-    (BatchNorm)."""
+    """Shuffled (image, mask, weight map) batches; the last incomplete one is dropped (for
+    BatchNorm)."""
     dataset = TensorDataset(train["images"], train["masks"], train["weights"])
     return DataLoader(
         dataset,
         batch_size=BATCH_SIZE,
         shuffle=True,
         drop_last=True,
+        num_workers=pick_num_workers(NUM_WORKERS),
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-# ===============================================================================================
-# 2. Atrous convolution and the receptive field
+# %% 2. Atrous convolution and the receptive field
 # ===============================================================================================
 # A 3x3 convolution with dilation d samples its 9 inputs d pixels apart: it sees a (2d+1)^2 window
 # for the price of 9 weights, and keeps the resolution. DeepLab replaces the last strides of a
@@ -459,130 +444,37 @@ def extent(grad_map: np.ndarray) -> int:
     return int(columns[-1] - columns[0] + 1)
 
 
-# The formula above is for a plain stack of convolutions. A real segmentation network also has a
-# decoder: convolutions at a finer resolution and bilinear upsamplings. To count those too we walk
-# the network's path (DilatedAttentionNet.layer_path(), read from its modules) backwards from one
-# output pixel and track the interval of positions that can reach it, along one axis:
-# - a convolution (kernel k, stride s, dilation d, padding p) at output position i reads inputs
-#   i * s - p + j * d for j = 0 .. k - 1;
-# - a bilinear upsampling by f (align_corners=False) reads the two input pixels around
-#   (i + 0.5) / f - 0.5, so the answer depends on where i falls between the coarse pixels: that
-#   is why this network's receptive field is 95 px at some output pixels and 99 px at others;
-# - an attention block that mixes all positions makes it the whole image.
-# Far from the image border, no step is cut off by padding, so this is exact (a test checks it
-# against the gradient of the real model); near the border the interval is clipped.
+DILATION_RATES = {  # three stacks of 3x3 convolutions: plain, gridding, hybrid
+    "rates 1,1,1": (1, 1, 1),
+    "rates 2,2,2 (gridding)": (2, 2, 2),
+    "rates 1,2,5 (hybrid)": (1, 2, 5),
+}
 
 
-def receptive_interval(path: list[tuple], index: int) -> tuple[int, int] | None:
-    """First and last input position (one axis) that reach output position `index` along a
-    layer_path(); None when an attention step makes every input position reach it."""
-    low, high = index, index
-    for step in reversed(path):  # from the output back to the input
-        if step[0] == "global":
-            return None
-        if step[0] == "conv":
-            _, kernel, stride, dilation, padding = step
-            low, high = low * stride - padding, high * stride - padding + (kernel - 1) * dilation
-        else:  # ("upsample", factor): bilinear, align_corners=False: two taps around the source
-            factor = step[1]
-            low = math.floor((low + 0.5) / factor - 0.5)
-            high = math.floor((high + 0.5) / factor - 0.5) + 1
-    return low, high
-
-
-def measured_receptive_interval(model: nn.Module, size: int, index: int) -> tuple[int, int]:
-    """The input columns whose gradient reaches output pixel (index, index) of `model`.
-
-    On a copy whose convolutions compute positive weighted averages, in eval mode, and a positive
-    input: every activation is then positive and moderate, so no ReLU, no cancellation and no
-    saturated sigmoid can hide a pixel that is connected (the all-ones trick of
-    gradient_receptive_field, for a real network).
-    """
-    probe = copy.deepcopy(model).eval().cpu().float()
-    with torch.no_grad():
-        for conv in [m for m in probe.modules() if isinstance(m, nn.Conv2d)]:
-            conv.weight.abs_().div_(conv.weight.sum(dim=(1, 2, 3), keepdim=True))
-        for module in probe.modules():
-            if isinstance(module, PositionAttention):
-                module.gamma.fill_(1.0)  # gamma = 0 would hide the attention path
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) + 0.1
-    x.requires_grad_(True)
-    probe(x)[0, :, index, index].sum().backward()
-    columns = np.flatnonzero(x.grad[0].abs().sum(dim=(0, 1)).numpy() > 0)
-    return int(columns[0]), int(columns[-1])
-
-
-def model_receptive_field(model: nn.Module, size: int = 128) -> dict:
-    """The real network's receptive field at four neighbouring output pixels: walked along its
-    layer path and measured with a gradient (size: input side, large enough to avoid borders)."""
-    path = model.layer_path()
-    positions = range(size // 2, size // 2 + 4)  # four phases of the two x2 upsamplings
-    walked = [receptive_interval(path, i) for i in positions]
-    measured = [measured_receptive_interval(model, size, i) for i in positions]
-    widths = [None if w is None else w[1] - w[0] + 1 for w in walked]
-    return dict(
-        whole_image=walked[0] is None,  # attention: every input pixel reaches every output
-        walked_px=sorted(set(widths)) if walked[0] is not None else None,
-        measured_px=sorted({hi - lo + 1 for lo, hi in measured}),
-        walked_equals_measured=None if walked[0] is None else walked == measured,
-        encoder_formula_px=receptive_field(
-            [step[1:4] for step in path[: path.index(("upsample", 2))] if step[0] == "conv"]
-        ),
-        output_stride=model.output_stride,
-        input_px=size,
-    )
-
-
-def plot_receptive_fields(model: nn.Module, image: torch.Tensor, path: Path) -> dict:
-    """Gradient maps of three dilation schedules, the real network's receptive field and the
-    trained model's effective RF; returns the receptive fields."""
-    schedules = {
-        "rates 1,1,1": (1, 1, 1),
-        "rates 2,2,2 (gridding)": (2, 2, 2),
-        "rates 1,2,5 (hybrid)": (1, 2, 5),
-    }
+def gridding_report() -> dict:
+    """Receptive field (formula and gradient) and holes inside it for each stack of
+    DILATION_RATES; prints one line."""
     results = {}
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
-    for ax, (name, rates) in zip(axes, schedules.items()):
+    for name, rates in DILATION_RATES.items():
         layers = [(3, 1, r) for r in rates]
-        grad = gradient_receptive_field(layers, size=25)
+        grad = gradient_receptive_field(layers, size=25)  # (25, 25), centre pixel 12
         rf = receptive_field(layers)
         box = grad[12 - rf // 2 : 12 + rf // 2 + 1, 12 - rf // 2 : 12 + rf // 2 + 1]
         results[name] = dict(
             formula=rf, measured=extent(grad), holes_inside_rf=int((box == 0).sum())
         )
-        ax.imshow(grad > 0, cmap="gray", interpolation="nearest")
-        ax.set_title(f"{name}\nRF {rf} px, {results[name]['holes_inside_rf']} holes", fontsize=9)
-    # The real network, without its attention blocks (with them the RF is the whole image)
-    config = dict(model_config(), width=8)
-    results["model without attention"] = model_receptive_field(DilatedAttentionNet(**config))
-    results["model with attention"] = model_receptive_field(
-        DilatedAttentionNet(**dict(config, cbam=True, position_attention=True))
+    print(
+        "three 3x3 layers: "
+        + "; ".join(
+            f"{name} RF {r['formula']} px (gradient {r['measured']} px), "
+            f"{r['holes_inside_rf']} holes"
+            for name, r in results.items()
+        )
     )
-    # The trained network: |d logit(centre) / d input|, the *effective* receptive field.
-    model.eval()
-    x = image[None].to(next(model.parameters()).device).requires_grad_(True)  # (1, 3, H, W)
-    logits = model(x)
-    h, w = logits.shape[-2:]
-    logits[0, :, h // 2, w // 2].sum().backward()
-    effective = x.grad[0].abs().sum(0).cpu().numpy()  # (H, W)
-    widths = results["model without attention"]["walked_px"]
-    axes[3].imshow(np.log1p(effective / effective.max() * 1e3), cmap="magma")
-    axes[3].set_title(
-        f"trained model: effective RF (log scale)\nRF {min(widths)}-{max(widths)} px without "
-        f"attention; with it, the whole image",
-        fontsize=9,
-    )
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
     return results
 
 
-# ===============================================================================================
-# 3. Model: a small DeepLab-style network with optional attention
+# %% 3. Model: a small DeepLab-style network with optional attention
 # ===============================================================================================
 # Two stride-2 stages bring the features to 1/4 of the input (output stride 4). Instead of more
 # strides, three residual 3x3 blocks with dilations DILATIONS grow the receptive field to cover
@@ -842,13 +734,100 @@ def model_config(cbam: bool = False, position_attention: bool = False) -> dict:
     )
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+# The formula above is for a plain stack of convolutions. A real segmentation network also has a
+# decoder: convolutions at a finer resolution and bilinear upsamplings. To count those too we walk
+# the network's path (DilatedAttentionNet.layer_path(), read from its modules) backwards from one
+# output pixel and track the interval of positions that can reach it, along one axis:
+# - a convolution (kernel k, stride s, dilation d, padding p) at output position i reads inputs
+#   i * s - p + j * d for j = 0 .. k - 1;
+# - a bilinear upsampling by f (align_corners=False) reads the two input pixels around
+#   (i + 0.5) / f - 0.5, so the answer depends on where i falls between the coarse pixels: that
+#   is why this network's receptive field is 95 px at some output pixels and 99 px at others;
+# - an attention block that mixes all positions makes it the whole image.
+# Far from the image border, no step is cut off by padding, so this is exact (a test checks it
+# against the gradient of the real model); near the border the interval is clipped.
 
 
-# ===============================================================================================
-# 4. Losses and metrics
+def receptive_interval(path: list[tuple], index: int) -> tuple[int, int] | None:
+    """First and last input position (one axis) that reach output position `index` along a
+    layer_path(); None when an attention step makes every input position reach it."""
+    low, high = index, index
+    for step in reversed(path):  # from the output back to the input
+        if step[0] == "global":
+            return None
+        if step[0] == "conv":
+            _, kernel, stride, dilation, padding = step
+            low, high = low * stride - padding, high * stride - padding + (kernel - 1) * dilation
+        else:  # ("upsample", factor): bilinear, align_corners=False: two taps around the source
+            factor = step[1]
+            low = math.floor((low + 0.5) / factor - 0.5)
+            high = math.floor((high + 0.5) / factor - 0.5) + 1
+    return low, high
+
+
+def measured_receptive_interval(model: nn.Module, size: int, index: int) -> tuple[int, int]:
+    """The input columns whose gradient reaches output pixel (index, index) of `model`.
+
+    On a copy whose convolutions compute positive weighted averages, in eval mode, and a positive
+    input: every activation is then positive and moderate, so no ReLU, no cancellation and no
+    saturated sigmoid can hide a pixel that is connected (the all-ones trick of
+    gradient_receptive_field, for a real network).
+    """
+    probe = copy.deepcopy(model).eval().cpu().float()
+    with torch.no_grad():
+        for conv in [m for m in probe.modules() if isinstance(m, nn.Conv2d)]:
+            conv.weight.abs_().div_(conv.weight.sum(dim=(1, 2, 3), keepdim=True))
+        for module in probe.modules():
+            if isinstance(module, PositionAttention):
+                module.gamma.fill_(1.0)  # gamma = 0 would hide the attention path
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) + 0.1
+    x.requires_grad_(True)
+    probe(x)[0, :, index, index].sum().backward()
+    columns = np.flatnonzero(x.grad[0].abs().sum(dim=(0, 1)).numpy() > 0)
+    return int(columns[0]), int(columns[-1])
+
+
+def model_receptive_field(model: nn.Module, size: int = 128) -> dict:
+    """The real network's receptive field at four neighbouring output pixels: walked along its
+    layer path and measured with a gradient (size: input side, large enough to avoid borders)."""
+    path = model.layer_path()
+    positions = range(size // 2, size // 2 + 4)  # four phases of the two x2 upsamplings
+    walked = [receptive_interval(path, i) for i in positions]
+    measured = [measured_receptive_interval(model, size, i) for i in positions]
+    widths = [None if w is None else w[1] - w[0] + 1 for w in walked]
+    return dict(
+        whole_image=walked[0] is None,  # attention: every input pixel reaches every output
+        walked_px=sorted(set(widths)) if walked[0] is not None else None,
+        measured_px=sorted({hi - lo + 1 for lo, hi in measured}),
+        walked_equals_measured=None if walked[0] is None else walked == measured,
+        encoder_formula_px=receptive_field(
+            [step[1:4] for step in path[: path.index(("upsample", 2))] if step[0] == "conv"]
+        ),
+        output_stride=model.output_stride,
+        input_px=size,
+    )
+
+
+def network_receptive_fields() -> dict:
+    """The receptive field of the network (width 8), without and with attention; prints it."""
+    config = dict(model_config(), width=8)
+    results = {
+        "model without attention": model_receptive_field(DilatedAttentionNet(**config)),
+        "model with attention": model_receptive_field(
+            DilatedAttentionNet(**dict(config, cbam=True, position_attention=True))
+        ),
+    }
+    plain = results["model without attention"]
+    print(
+        f"receptive field of the network: encoder {plain['encoder_formula_px']} px, with the "
+        f"decoder {' or '.join(map(str, plain['walked_px']))} px (walked along its layers; "
+        f"gradient: {' or '.join(map(str, plain['measured_px']))} px); with attention: "
+        f"{'the whole image' if results['model with attention']['whole_image'] else '?'}"
+    )
+    return results
+
+
+# %% 4. Losses and metrics
 # ===============================================================================================
 # Every loss takes logits (N, C, H, W) and labels (N, H, W) and skips pixels labelled 255.
 # Gotcha: before any gather()/one_hot() with the labels, replace 255 by a valid class (we use 0)
@@ -946,8 +925,8 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if not present.any():
         return logits.sum() * 0  # Gotcha: a plain 0 would not backpropagate
     errors = (foreground - probs).abs()  # (P, C)
-    # One sort for all classes, each column by its own descending error. (A loop of one sort per
-    # class gives the same numbers; on a 2-core CPU it took twice as long, a sixth of a step.)
+    # One sort for all classes, each column by its own descending error (the same numbers as a
+    # loop of one sort per class, in one call).
     errors_sorted, order = torch.sort(errors, dim=0, descending=True)  # (P, C) each
     losses = (errors_sorted * lovasz_grad(foreground.gather(0, order))).sum(
         dim=0
@@ -1000,17 +979,23 @@ def mixed_loss(logits, target, weights, loss_weights=None) -> torch.Tensor:
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts (C, C): row = true class, column = predicted; target pixels outside [0, C) skipped."""
+    """Counts (C, C): row = true class, column = predicted; target pixels outside [0, C) skipped.
+
+    pred and target are integer tensors of the same shape (N x H x W); IGNORE_INDEX (255) lies
+    outside [0, C), so ignored pixels are never counted.
+    """
     valid = (target >= 0) & (target < num_classes)
     bins = num_classes * target[valid].long() + pred[valid].long()  # one bin per (true, pred) pair
     return torch.bincount(bins, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
-    """IoU per class (C,); NaN for a class absent from both prediction and ground truth."""
+def metrics_from_confusion(confusion: torch.Tensor) -> dict:
+    """IoU per class (C,) (NaN for a class absent from both prediction and ground truth) and its
+    mean over the classes that have one: {"iou": tensor (C,), "miou": float}."""
     confusion = confusion.double()
     tp = confusion.diag()
-    return tp / (confusion.sum(0) + confusion.sum(1) - tp)  # 0 / 0 -> NaN: the rule above
+    iou = tp / (confusion.sum(0) + confusion.sum(1) - tp)  # 0 / 0 -> NaN: the rule above
+    return dict(iou=iou, miou=float(torch.nanmean(iou)))
 
 
 def class_boundary(labels: np.ndarray, c: int) -> np.ndarray:
@@ -1056,18 +1041,17 @@ def boundary_f1(counts: np.ndarray) -> np.ndarray:
 def score_labels(preds: torch.Tensor, masks: torch.Tensor) -> dict:
     """mIoU, boundary F1 and per-class IoU of label maps (N, H, W) against masks (N, H, W)."""
     num_classes = len(CLASS_NAMES)
-    iou = iou_from_confusion(confusion_matrix(preds, masks, num_classes))
+    scores = metrics_from_confusion(confusion_matrix(preds, masks, num_classes))
     counts = sum(boundary_counts(p.numpy(), t.numpy(), num_classes) for p, t in zip(preds, masks))
     bf1 = boundary_f1(counts)
     return dict(
-        miou=float(torch.nanmean(iou)),
+        miou=scores["miou"],
         boundary=float(np.nanmean(bf1)),
-        iou_per_class={name: round(float(v), 4) for name, v in zip(CLASS_NAMES, iou)},
+        iou_per_class={name: round(float(v), 4) for name, v in zip(CLASS_NAMES, scores["iou"])},
     )
 
 
-# ===============================================================================================
-# 5. Training, with multi-scale augmentation
+# %% 5. Training, with multi-scale augmentation
 # ===============================================================================================
 # Every batch gets one random quarter turn and flip (the scenes have no "up"), the same for
 # image, mask and weight map. With multi-scale training the batch is also resized by a random
@@ -1080,6 +1064,12 @@ def score_labels(preds: torch.Tensor, masks: torch.Tensor) -> dict:
 #
 # The loop itself is the one from Example 1: validation mIoU every epoch, the best weights saved
 # atomically, early stopping, Ctrl-C keeps the best checkpoint, a NaN loss stops with a message.
+#
+# The ablation. The default run trains the four rows marked default=True below, each adding one
+# idea to the one before (same data, same seed, same epochs, each row from the same initial
+# random state). `--seeds 0 1 2` (section 10) trains every row: each changes ONE thing against
+# the row named in "against" (CBAM alone, position attention alone, each loss alone), so that
+# each claim has its own row.
 
 
 def flip_rotate(tensors: list[torch.Tensor], k: int, flip: bool) -> list[torch.Tensor]:
@@ -1105,14 +1095,6 @@ def rescale_batch(images, masks, weights, scale: float):
     return images, masks, weights
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: the file at `path` is always complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)  # atomic on POSIX and Windows
-
-
 def load_model(path: Path, device: torch.device) -> tuple[DilatedAttentionNet, dict]:
     """Rebuild a network from its checkpoint (its saved config, not the constants above)."""
     state = torch.load(path, map_location=device, weights_only=True)
@@ -1130,13 +1112,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device)
     )
 
 
-def fit(
-    model: DilatedAttentionNet, data: dict, row: dict, device: torch.device, path: Path, seed=None
-) -> list[dict]:
-    """Train one ablation row (its loss, optional multi-scale); best checkpoint -> path."""
-    seed = SEED if seed is None else seed
-    loss_weights = LOSS_WEIGHTS if row["loss"] == "mixed" else row["loss"]  # {term: weight}
-    loader = train_loader(data["train"], seed)
+def make_optimizer(model: nn.Module, device: torch.device, total_steps: int) -> tuple:
+    """AdamW with poly decay (DeepLab: lr * (1 - step / total)^0.9) and a gradient scaler that
+    is active on CUDA only (float16 mixed precision). Returns (optimizer, scheduler, scaler)."""
     # fused=True: one kernel updates all weights instead of ~10 small operations per weight
     # tensor (same maths, a faster step). CPU and CUDA have it.
     optimizer = torch.optim.AdamW(
@@ -1145,70 +1123,95 @@ def fit(
         weight_decay=WEIGHT_DECAY,
         fused=device.type in ("cpu", "cuda"),
     )
-    total_steps = EPOCHS * len(loader)
-    # poly decay (DeepLab): lr * (1 - step / total)^0.9
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (1 - step / total_steps) ** 0.9
     )
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    return optimizer, scheduler, scaler
+
+
+def train_one_epoch(model, loader, trainer: tuple, row: dict, epoch: int, augment, device) -> float:
+    """One pass over the training batches, each turned, flipped and (multi-scale rows) rescaled
+    at random; returns the mean loss. trainer: (optimizer, scheduler, scaler)."""
+    optimizer, scheduler, scaler = trainer
+    loss_weights = LOSS_WEIGHTS if row["loss"] == "mixed" else row["loss"]  # {term: weight}
+    model.train()
+    losses = []
+    for step, (images, masks, weights) in enumerate(
+        tqdm(loader, desc=f"{row['name']} epoch {epoch}", leave=False)
+    ):
+        images, masks, weights = flip_rotate(
+            [images, masks, weights], int(augment.integers(4)), bool(augment.integers(2))
+        )
+        if row["multiscale"]:
+            images, masks, weights = rescale_batch(
+                images, masks, weights, float(augment.choice(TRAIN_SCALES))
+            )
+        images, masks, weights = images.to(device), masks.to(device), weights.to(device)
+        with autocast(device):
+            logits = model(images)
+        logits = logits.float()  # losses in float32: softmax and sorting are fp16-fragile
+        loss = mixed_loss(logits, masks, weights, loss_weights)
+        if not torch.isfinite(loss):
+            raise SystemExit(
+                f"error: the training loss became {loss.item()} ({row['name']}, "
+                f"epoch {epoch}, batch {step}). Lower LEARNING_RATE (now {LEARNING_RATE}) "
+                "or the LOSS_WEIGHTS and run again."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def validate_and_checkpoint(model, data, row, device, path, epoch, best) -> tuple[float, bool]:
+    """Validation mIoU of this epoch, and whether it beat `best`; if so the weights are saved
+    (atomically) to path, with what it takes to rebuild the network."""
+    val = data["val"]
+    val_miou = score_labels(
+        predict_logits(model, val["images"], device).argmax(1), val["masks"]
+    )["miou"]
+    improved = val_miou > best
+    if improved:
+        save_checkpoint(
+            dict(
+                model_state=model.state_dict(),
+                config=model_config(row["cbam"], row["position"]),
+                image_size=IMAGE_SIZE,
+                epoch=epoch,
+                val_miou=val_miou,
+            ),
+            path,
+        )
+    return val_miou, improved
+
+
+def fit(
+    model: DilatedAttentionNet, data: dict, row: dict, device: torch.device, path: Path, seed=None
+) -> list[dict]:
+    """Train one ablation row (its loss, optional multi-scale); best checkpoint -> path."""
+    seed = SEED if seed is None else seed
+    loader = train_loader(data["train"], seed)
+    trainer = make_optimizer(model, device, EPOCHS * len(loader))
     augment = np.random.default_rng(seed)  # quarter turns, flips and scales, reproducible
-    history, best, stale = [], -1.0, 0
+    history, best, stale, start = [], -1.0, 0, time.perf_counter()
     try:
         for epoch in range(1, EPOCHS + 1):
-            model.train()
-            losses = []
-            for step, (images, masks, weights) in enumerate(
-                tqdm(loader, desc=f"{row['name']} epoch {epoch}", leave=False)
-            ):
-                images, masks, weights = flip_rotate(
-                    [images, masks, weights], int(augment.integers(4)), bool(augment.integers(2))
-                )
-                if row["multiscale"]:
-                    images, masks, weights = rescale_batch(
-                        images, masks, weights, float(augment.choice(TRAIN_SCALES))
-                    )
-                images, masks, weights = images.to(device), masks.to(device), weights.to(device)
-                with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-                    logits = model(images)
-                logits = logits.float()  # losses in float32: softmax and sorting are fp16-fragile
-                loss = mixed_loss(logits, masks, weights, loss_weights)
-                if not torch.isfinite(loss):
-                    raise SystemExit(
-                        f"error: the training loss became {loss.item()} ({row['name']}, "
-                        f"epoch {epoch}, batch {step}). Lower LEARNING_RATE (now {LEARNING_RATE}) "
-                        "or the LOSS_WEIGHTS and run again."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                losses.append(loss.item())
-            val = data["val"]
-            val_miou = score_labels(
-                predict_logits(model, val["images"], device).argmax(1), val["masks"]
-            )["miou"]
-            history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_miou=val_miou))
-            improved = val_miou > best
-            if improved:
-                best, stale = val_miou, 0
-                save_checkpoint(
-                    dict(
-                        model_state=model.state_dict(),
-                        config=model_config(row["cbam"], row["position"]),
-                        image_size=IMAGE_SIZE,
-                        epoch=epoch,
-                        val_miou=val_miou,
-                    ),
-                    path,
-                )
-            else:
-                stale += 1
+            train_loss = train_one_epoch(model, loader, trainer, row, epoch, augment, device)
+            val_miou, improved = validate_and_checkpoint(
+                model, data, row, device, path, epoch, best
+            )
+            history.append(dict(epoch=epoch, train_loss=train_loss, val_miou=val_miou))
+            best, stale = (val_miou, 0) if improved else (best, stale + 1)
             print(
-                f"  epoch {epoch:2d} | loss {history[-1]['train_loss']:.4f} | "
-                f"val mIoU {val_miou:.4f}"
+                f"  epoch {epoch:2d} | loss {train_loss:.4f} | val mIoU {val_miou:.4f}"
                 f"{' (best, saved)' if improved else ''}"
             )
+            if epoch == 1:  # this row's time left, if it does not stop early
+                print_eta(time.perf_counter() - start, 1, EPOCHS)
             if stale >= PATIENCE:
                 print(f"  early stopping: no improvement for {PATIENCE} epochs")
                 break
@@ -1221,8 +1224,65 @@ def fit(
     return history
 
 
-# ===============================================================================================
-# 6. Inference tricks: multi-scale + TTA, dense CRF, morphology
+def ablation_row(name, cbam, position, loss, against, multiscale=False, default=False) -> dict:
+    """One trained row. loss: {mixed_loss term: weight}, or "mixed" for LOSS_WEIGHTS; against:
+    the row it changes one thing from; default: trained in the default (one-seed) run too."""
+    return dict(
+        name=name, cbam=cbam, position=position, loss=loss, against=against,
+        multiscale=multiscale, default=default,
+    )  # fmt: skip
+
+
+CE, ATTENTION = dict(ce=1.0), "+ attention (CBAM, position)"
+ABLATION_ROWS = (
+    ablation_row("baseline", False, False, CE, None, default=True),
+    ablation_row("+ CBAM", True, False, CE, "baseline"),
+    ablation_row("+ position attention", False, True, CE, "baseline"),
+    ablation_row(ATTENTION, True, True, CE, "baseline", default=True),
+    ablation_row("attention, OHEM cross-entropy", True, True, dict(ohem=1.0), ATTENTION),
+    ablation_row("attention, boundary-weighted CE", True, True, dict(boundary_ce=1.0), ATTENTION),
+    ablation_row("attention, soft Dice", True, True, dict(dice=1.0), ATTENTION),
+    ablation_row("attention, Lovasz-softmax", True, True, dict(lovasz=1.0), ATTENTION),
+    ablation_row("+ mixed loss with OHEM", True, True, "mixed", ATTENTION, default=True),
+    ablation_row(
+        "+ multi-scale training", True, True, "mixed", "+ mixed loss with OHEM", True, True
+    ),
+)
+TRAINING_ROWS = tuple(row for row in ABLATION_ROWS if row["default"])  # the default run's rows
+
+
+def train_rows(rows: tuple, data: dict, seed: int, device: torch.device, folder: Path, prefix=""):
+    """Train each row from the same initial state; checkpoints folder/{prefix}row{i}.pt.
+
+    Returns (score rows, {name: training history}, [(best model, its checkpoint state)]).
+    """
+    results, histories, models = [], {}, []
+    for index, row in enumerate(rows):
+        row_start = time.perf_counter()
+        torch.manual_seed(seed)  # every row starts from the same random state
+        model = DilatedAttentionNet(**model_config(row["cbam"], row["position"]))
+        model = model.to(device, memory_format=memory_format(device))
+        print(f"[{index + 1}/{len(rows)}] {row['name']}: {count_parameters(model):,} parameters")
+        path = folder / f"{prefix}row{index}.pt"
+        histories[row["name"]] = fit(model, data, row, device, path, seed)
+        model, state = load_model(path, device)
+        test = data["test"]
+        scores = score_labels(
+            predict_logits(model, test["images"], device).argmax(1), test["masks"]
+        )
+        seconds = time.perf_counter() - row_start
+        results.append(
+            dict(name=row["name"], **scores, seconds=seconds, val_miou=state["val_miou"])
+        )
+        models.append((model, state))
+        print(
+            f"  test mIoU {scores['miou']:.4f} | boundary F1 {scores['boundary']:.4f} | "
+            f"{seconds:.0f} s"
+        )
+    return results, histories, models
+
+
+# %% 6. Inference tricks: multi-scale + TTA, dense CRF, morphology
 # ===============================================================================================
 # Test-time augmentation. Run the network on transformed copies of the image (flips, quarter
 # turns, rescalings), *undo* each transform on the output, and average the class probabilities.
@@ -1309,18 +1369,1051 @@ def tta_probabilities(
 # CRF_PARAMS are that implementation's: smoothness sxy 3, weight 3; appearance sxy 80, srgb 13
 # (colours in 0..255), weight 10; 5 iterations.
 #
+# mean_field below is the whole algorithm. dense_crf_exact feeds it the kernels as N x N
+# matrices, which is exact but only fits small images: 4096 x 4096 numbers at 64 x 64, but 35
+# billion at 500 x 375. K Q is also a Gaussian *filter* in the feature space (x, y, r, g, b), and
+# the appendix "a fast dense CRF" computes that filter with a permutohedral lattice in O(N d):
+# dense_crf, the same CRF for full-size images, which the pipeline uses. Its price: the lattice
+# only approximates the Gaussian (about 1% off after normalisation); compare_crf_exact measures
+# what that does to the labels.
+
+
+def crf_features(image: np.ndarray, sxy: float, srgb: float | None = None) -> np.ndarray:
+    """Per-pixel features (H*W, 2 or 5) in row-major order: (x, y[, r, g, b]) / sigmas; image
+    (H, W, 3) in 0..255."""
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    columns = [xx / sxy, yy / sxy]
+    if srgb is not None:
+        columns += [image[..., c] / srgb for c in range(3)]
+    return np.stack([c.ravel() for c in columns], axis=1).astype(np.float64)
+
+
+def mean_field(probs: torch.Tensor, kernels: list, iterations: int) -> torch.Tensor:
+    """Mean-field with Potts compatibility: probs (N, L) -> Q (N, L).
+
+    kernels: [filter] where filter(Q (N, L) torch) = sum_m w_m Kn_m Q, a new tensor, for one or
+    more kernels, each normalised symmetrically (Kn = D^-1/2 K D^-1/2, D = K 1) and weighted.
+    """
+    probs = probs.clamp(min=1e-8)
+    unary = torch.log(probs)  # -U
+    q = probs / probs.sum(1, keepdim=True)  # = softmax(-U): the network's own probabilities
+    for _ in range(iterations):
+        scores = unary
+        for filter_ in kernels:
+            scores = filter_(q).add_(scores)  # -U + w * D^-1/2 K D^-1/2 Q
+        q = torch.softmax(scores, dim=1)  # Potts: agreeing neighbours add to a label's score
+    return q
+
+
+def dense_crf_exact(
+    probs: torch.Tensor, image: torch.Tensor, params: dict | None = None, iterations=None
+) -> torch.Tensor:
+    """The dense CRF with exact N x N kernels: probs (L, H, W), image (3, H, W) in [0, 1] ->
+    Q (L, H, W). Small images only: memory grows as N^2 (dense_crf is the fast one)."""
+    params = CRF_PARAMS if params is None else params
+    iterations = CRF_ITERATIONS if iterations is None else iterations
+    labels, h, w = probs.shape
+    pixels = image.permute(1, 2, 0).numpy().astype(np.float64) * 255.0
+    kernels = []
+    for weight, feats in (
+        (params["smooth_weight"], crf_features(pixels, params["smooth_sxy"])),
+        (params["app_weight"], crf_features(pixels, params["app_sxy"], params["app_srgb"])),
+    ):
+        if not weight:
+            continue
+        f = torch.from_numpy(feats)
+        matrix = torch.exp(-torch.cdist(f, f).square() / 2).float()  # (N, N), diagonal = 1
+        norm = torch.rsqrt((matrix @ torch.ones(len(f), 1)).clamp(min=1e-20))  # D^-1/2, (N, 1)
+        kernels.append(lambda v, k=matrix, s=norm, w=weight: (k @ (s * v)) * (w * s))
+    flat = probs.reshape(labels, -1).T.contiguous().float()
+    return mean_field(flat, kernels, iterations).T.reshape(labels, h, w)
+
+
+def crf_labels(probs: torch.Tensor, images: torch.Tensor, params: dict) -> torch.Tensor:
+    """The fast dense CRF (appendix) on every image: probs (N, L, H, W), images (N, 3, H, W)
+    -> labels (N, H, W)."""
+    return torch.stack([dense_crf(p, im, params).argmax(0) for p, im in zip(probs, images)])
+
+
+def compare_crf_exact(probs: torch.Tensor, image: torch.Tensor, params: dict) -> tuple[dict, tuple]:
+    """Lattice vs exact CRF on one small image: label agreement and probability difference."""
+    start = time.perf_counter()
+    exact = dense_crf_exact(probs, image, params)
+    exact_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    approx = dense_crf(probs, image, params)
+    lattice_seconds = time.perf_counter() - start
+    changed = probs.argmax(0) != exact.argmax(0)  # pixels where the exact CRF changed the label
+    result = dict(
+        pixels=int(probs[0].numel()),
+        label_agreement=float((exact.argmax(0) == approx.argmax(0)).float().mean()),
+        agreement_on_changed_pixels=(
+            float((exact.argmax(0) == approx.argmax(0))[changed].float().mean())
+            if changed.any()
+            else None
+        ),
+        mean_abs_prob_diff=float((exact - approx).abs().mean()),
+        max_abs_prob_diff=float((exact - approx).abs().max()),
+        exact_seconds=exact_seconds,
+        lattice_seconds=lattice_seconds,
+    )
+    return result, (probs.argmax(0), exact.argmax(0), approx.argmax(0))
+
+
+# Morphology. Simple per-class clean-ups with scipy.ndimage on the label map: opening (erode then
+# dilate) deletes specks and 1-px bridges, closing (dilate then erode) fills small gaps, hole
+# filling closes interior holes, and connected components smaller than min_size are removed.
+# Per class, because what is noise for one class is the signal of another: an opening of radius
+# 1 erases a 2-px wire completely. A class may grow (closing, hole filling) only into background:
+# otherwise closing the field would swallow the 1-px wire that crosses it, and filling its holes
+# would swallow the gem lying on it. Pixels a class gives up take the label of the nearest pixel
+# of another class (a distance transform with return_indices finds it): never the class that
+# just gave them up, or a spur cut off by the opening would grow straight back.
+
+
+def disk(radius: int) -> np.ndarray:
+    """Boolean disk-shaped structuring element of the given radius."""
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return xx**2 + yy**2 <= radius**2
+
+
+def morphological_cleanup(labels: np.ndarray, rules: dict | None = None) -> np.ndarray:
+    """Apply MORPHOLOGY-style rules {class: dict(open, close, fill_holes, min_size)} to labels
+    (H, W); pixels a class gives up take the label of the nearest pixel of another class."""
+    rules = MORPHOLOGY if rules is None else rules
+    out = labels.copy()
+    for c, rule in rules.items():
+        region = out == c
+        if rule.get("open", 0):
+            region = ndimage.binary_opening(region, structure=disk(rule["open"]))
+        if rule.get("close", 0):
+            region = ndimage.binary_closing(region, structure=disk(rule["close"]))
+        if rule.get("fill_holes", False):
+            region = ndimage.binary_fill_holes(region)
+        if rule.get("min_size", 0):
+            components, count = ndimage.label(region)
+            sizes = np.bincount(components.ravel(), minlength=count + 1)  # sizes[0] = outside
+            region = (sizes >= rule["min_size"])[components] & (components > 0)
+        region &= (out == c) | (out == 0)  # grow into background only, never into other classes
+        released = (out == c) & ~region  # pixels class c gave up
+        out[region] = c
+        donors = (out != c) & ~released  # labels a released pixel may take: any class but c
+        if released.any() and donors.any():
+            # each released pixel takes the label of its nearest donor. Gotcha: the nearest pixel
+            # that merely kept its label is often of class c itself (the spur an opening just cut
+            # off touches the blob it grew from): taking that label would undo the clean-up.
+            _, nearest = ndimage.distance_transform_edt(~donors, return_indices=True)
+            out[released] = out[nearest[0][released], nearest[1][released]]
+        elif released.any():
+            out[released] = 0  # no other class anywhere: background
+    return out
+
+
+# Which tricks to keep. They are added one at a time on top of the trained row with the best
+# *validation* mIoU: flips and rotations, multi-scale inference, the dense CRF, morphology. Each
+# is scored on validation and on test; a step is kept for the next steps (and for --predict) only
+# if it raised validation mIoU. The test split never chooses anything. Every row reports test
+# mIoU, boundary F1 and its time cost: what that step costs over the whole test split.
+# The CRF's parameters are chosen on validation among CRF_CANDIDATES: the reference defaults were
+# tuned for 500 x 375 photographs, not for 64 px scenes, and a CRF with the wrong parameters
+# makes a good segmentation worse.
+
+
+def tune_crf(
+    probs: torch.Tensor, images: torch.Tensor, masks: torch.Tensor
+) -> tuple[dict, list, torch.Tensor]:
+    """Pick the CRF_CANDIDATES entry with the best mIoU on the given (validation) data.
+
+    Returns (best parameters, mIoU per candidate, the best candidate's label maps (N, H, W)).
+    """
+    labels = [crf_labels(probs, images, params) for params in CRF_CANDIDATES]
+    scores = [score_labels(x, masks)["miou"] for x in labels]
+    best = int(np.argmax(scores))
+    return dict(CRF_CANDIDATES[best]), scores, labels[best]
+
+
+def add_inference_row(state: dict, name: str, val_labels, test_labels, seconds: float) -> bool:
+    """Score one inference step (label maps (N, H, W)) into state["rows"]; it is kept, and
+    returns True, when it raises validation mIoU above the best pipeline so far."""
+    val_miou = score_labels(val_labels, state["val_masks"])["miou"]
+    kept = val_miou > state["reference"]
+    scores = score_labels(test_labels, state["test_masks"])
+    state["rows"].append(
+        dict(name=name, **scores, seconds=seconds, val_miou=val_miou, kept=kept,
+             test_miou_before=state["before"])  # the test mIoU of the pipeline it was added to
+    )  # fmt: skip
+    state["reference"] = max(state["reference"], val_miou)
+    state["before"] = scores["miou"] if kept else state["before"]
+    return kept
+
+
+def try_tta(model: nn.Module, data: dict, device: torch.device, state: dict) -> None:
+    """Steps 1 and 2: flips and quarter turns at scale 1, then multi-scale inference (with the
+    flips and turns if they were kept)."""
+    for name, change in (
+        ("+ TTA: flips and rotations", dict(flips=True, rot90=True)),
+        (f"+ multi-scale inference {tuple(TTA_SCALES)}", dict(scales=tuple(TTA_SCALES))),
+    ):
+        trial = dict(state["pipeline"], **change)
+        options = dict(scales=trial["scales"], flips=trial["flips"], rot90=trial["rot90"])
+        start = time.perf_counter()
+        test_probs = tta_probabilities(model, data["test"]["images"], device, **options)
+        seconds = time.perf_counter() - start
+        val_probs = tta_probabilities(model, data["val"]["images"], device, **options)
+        if add_inference_row(state, name, val_probs.argmax(1), test_probs.argmax(1), seconds):
+            state["pipeline"], state["probs"] = trial, dict(val=val_probs, test=test_probs)
+
+
+def try_crf_and_morphology(data: dict, state: dict) -> dict:
+    """Steps 3 and 4: the dense CRF with parameters tuned on validation, then morphology.
+    Returns the CRF tuning: {"params", "val_miou_per_candidate"}."""
+    val, test, probs = data["val"], data["test"], state["probs"]
+    labels = {split: p.argmax(1) for split, p in probs.items()}
+    crf_params, crf_scores, val_crf = tune_crf(probs["val"], val["images"], val["masks"])
+    start = time.perf_counter()
+    test_crf = crf_labels(probs["test"], test["images"], crf_params)
+    if add_inference_row(state, "+ dense CRF", val_crf, test_crf, time.perf_counter() - start):
+        state["pipeline"]["crf_params"], labels = crf_params, dict(val=val_crf, test=test_crf)
+    start = time.perf_counter()
+    test_clean = torch.from_numpy(
+        np.stack([morphological_cleanup(m) for m in labels["test"].numpy()])
+    )
+    seconds = time.perf_counter() - start
+    val_clean = torch.from_numpy(
+        np.stack([morphological_cleanup(m) for m in labels["val"].numpy()])
+    )
+    if add_inference_row(state, "+ morphology", val_clean, test_clean, seconds):
+        state["pipeline"]["morphology"], labels = True, dict(val=val_clean, test=test_clean)
+    state["labels"] = labels
+    return dict(params=crf_params, val_miou_per_candidate=crf_scores)
+
+
+def inference_ablation(model: DilatedAttentionNet, data: dict, device: torch.device) -> dict:
+    """Add TTA, multi-scale inference, the CRF and morphology in turn; keep what helps on
+    validation.
+
+    Returns the ablation rows, the kept pipeline, the CRF tuning, and the test probabilities and
+    final label maps the figures need.
+    """
+    val, test = data["val"], data["test"]
+    probs = {
+        split: predict_logits(model, data[split]["images"], device).softmax(1)
+        for split in ("val", "test")
+    }
+    state = dict(
+        rows=[],
+        probs=probs,
+        val_masks=val["masks"],
+        test_masks=test["masks"],
+        reference=score_labels(probs["val"].argmax(1), val["masks"])["miou"],  # val mIoU to beat
+        before=score_labels(probs["test"].argmax(1), test["masks"])["miou"],  # the kept pipeline's
+        pipeline=dict(scales=(1.0,), flips=False, rot90=False, crf_params=None, morphology=False),
+    )
+    try_tta(model, data, device, state)
+    crf = try_crf_and_morphology(data, state)
+    return dict(
+        rows=state["rows"],
+        pipeline=state["pipeline"],
+        crf=crf,
+        test_probs=state["probs"]["test"],
+        test_labels=state["labels"]["test"],
+    )
+
+
+def add_inference_tricks(models: list, data: dict, device: torch.device) -> tuple[int, dict]:
+    """The inference steps on top of the trained row that validation prefers (test scores must
+    not choose it); returns (that row's index, inference_ablation's result)."""
+    best = max(range(len(models)), key=lambda i: models[i][1]["val_miou"])
+    print(
+        f"inference tricks on top of row {best + 1} ({TRAINING_ROWS[best]['name']}): "
+        f"best validation mIoU {models[best][1]['val_miou']:.4f}"
+    )
+    inference = inference_ablation(models[best][0], data, device)
+    print(
+        f"CRF parameters chosen on validation: {inference['crf']['params']} (val mIoU per "
+        f"candidate {np.round(inference['crf']['val_miou_per_candidate'], 4).tolist()})"
+    )
+    return best, inference
+
+
+def print_ablation(rows: list[dict]) -> None:
+    """The ablation table: validation and test mIoU, boundary F1, seconds, kept or not."""
+    print(f"\n{'ablation':<44}{'val mIoU':>9}{'test mIoU':>10}{'bound.F1':>9}{'seconds':>8}  kept")
+    for r in rows:
+        kept = "" if r.get("kept") is None else ("yes" if r["kept"] else "no: lower val mIoU")
+        print(
+            f"{r['name']:<44}{r['val_miou']:>9.4f}{r['miou']:>10.4f}{r['boundary']:>9.4f}"
+            f"{r['seconds']:>8.1f}  {kept}"
+        )
+    print("one seed: --seeds 0 1 2 repeats every row (and more rows) with three seeds")
+
+
+def check_crf(inference: dict, data: dict) -> tuple[dict, tuple]:
+    """The fast CRF against the exact one on the first test image (with the chosen parameters),
+    and its speed at CRF_BENCHMARK_SIZE; prints both. Returns (results, label maps to draw)."""
+    test = data["test"]
+    params = inference["crf"]["params"]
+    exact, maps = compare_crf_exact(inference["test_probs"][0], test["images"][0], params)
+    print(
+        f"lattice vs exact CRF on a {IMAGE_SIZE}x{IMAGE_SIZE} image: labels agree on "
+        f"{exact['label_agreement']:.2%} of pixels, mean |dQ| {exact['mean_abs_prob_diff']:.4f}"
+    )
+    benchmark = benchmark_crf(SEED)  # the appendix's lattice at the reference's image size
+    print(
+        f"CRF {benchmark['size']}: {benchmark['first_call_seconds']:.2f} s first call, "
+        f"{benchmark['cached_seconds']:.2f} s with the smoothness lattice cached "
+        "(C++ reference ~0.3 s)"
+    )
+    return dict(benchmark=benchmark, exact_vs_lattice=exact), maps
+
+
+# %% 7. Memory and deployment
+# ===============================================================================================
+# Gradient checkpointing. Backward needs the activations of the forward pass; normally autograd
+# keeps them all. We count what it keeps with torch.autograd.graph.saved_tensors_hooks (every
+# tensor saved for backward passes through `pack`), which works on any device. With
+# GRAD_CHECKPOINT the stages keep only their inputs and recompute the rest in backward: less
+# memory, more time. On a GPU it is what lets a bigger batch or image fit.
+#
+# Export. torch.export traces the model into a self-contained program (no Python class needed to
+# load it) with the image height and width marked dynamic, saves it as a .pt2 file, and we load
+# it back as a user would and check it computes the same logits as the eager model.
+
+
+def saved_activation_bytes(
+    model: DilatedAttentionNet, images: torch.Tensor, masks: torch.Tensor
+) -> int:
+    """Bytes of distinct tensors autograd keeps for backward in one training step (then
+    backward)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = (
+            t.untyped_storage().nbytes()
+        )  # shared storage counted once
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX)
+    loss.backward()  # the recomputation inside checkpointed stages is not counted: freed at once
+    model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for ptr, size in seen.items() if ptr not in params)  # activations, not weights
+
+
+def step_seconds(
+    model: DilatedAttentionNet, images: torch.Tensor, masks: torch.Tensor, repeats: int = 3
+) -> float:
+    """Median wall time of forward + backward."""
+    model.train()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX).backward()
+        times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return float(np.median(times))
+
+
+def measure_checkpointing(
+    config: dict, images: torch.Tensor, masks: torch.Tensor, device: torch.device
+) -> dict:
+    """Saved activation memory and step time, without and with gradient checkpointing."""
+    result = {}
+    images, masks = images.to(device), masks.to(device)
+    for enabled in (False, True):
+        torch.manual_seed(SEED)
+        model = DilatedAttentionNet(**dict(config, grad_checkpoint=enabled)).to(device)
+        key = "checkpointing" if enabled else "plain"
+        saved_mb = saved_activation_bytes(model, images, masks) / 2**20  # one training step
+        updates = max(  # how often that one step updated BatchNorm's running statistics
+            int(m.num_batches_tracked) for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+        )
+        result[key] = dict(
+            saved_mb=saved_mb,
+            batchnorm_updates_per_step=updates,
+            step_seconds=step_seconds(model, images, masks),
+        )
+    saved = result["checkpointing"]["saved_mb"] / result["plain"]["saved_mb"]
+    result["memory_saved_fraction"] = 1 - saved
+    result["time_added_fraction"] = (
+        result["checkpointing"]["step_seconds"] / result["plain"]["step_seconds"] - 1
+    )
+    return result
+
+
+def export_model(model: DilatedAttentionNet, example: torch.Tensor, path: Path):
+    """torch.export with dynamic batch, height and width, saved to `path`, loaded back as a
+    module."""
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height = torch.export.Dim("height", min=16, max=4096)
+    width = torch.export.Dim("width", min=16, max=4096)
+    # Gotcha: an example with batch 1 (or size 1 anywhere) gets specialised to exactly 1; trace
+    # with a batch of 2 so that the batch dimension stays dynamic
+    program = torch.export.export(
+        model, (example,), dynamic_shapes={"x": {0: batch, 2: height, 3: width}}
+    )
+    torch.export.save(program, path)
+    return torch.export.load(path).module()  # what a user does: no DilatedAttentionNet class needed
+
+
+@torch.no_grad()
+def check_export(model: DilatedAttentionNet, images: torch.Tensor, path: Path) -> dict:
+    """Export on the CPU, reload, compare logits with eager (also at a new image size), time per
+    image.
+
+    If torch.export fails (older PyTorch releases), returns {"error": "<the error's first line>"}.
+    """
+    model = copy.deepcopy(model).eval().cpu()  # a CPU copy: the caller's model stays on its device
+    try:
+        exported = export_model(model, images[:2], path)
+    except Exception as error:  # torch.export is young: PyTorch 2.11 could not prove our dynamic
+        # width valid ("Constraints violated (width)"); 2.14 exports this model. Report, go on.
+        path.unlink(missing_ok=True)  # no program from an earlier run may pass for this one's
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return dict(error=f"{type(error).__name__}: {first_line}")
+    eager_logits, exported_logits = model(images), exported(images)
+    odd = F.interpolate(
+        images[:2], size=(images.shape[-2] + 13, images.shape[-1] + 7), mode="bilinear"
+    )
+    timings = {
+        name: ms_per_image(module, images)
+        for name, module in (("eager", model), ("exported", exported))
+    }
+    return dict(
+        max_abs_diff=float((eager_logits - exported_logits).abs().max()),
+        max_abs_diff_other_size=float((model(odd) - exported(odd)).abs().max()),
+        labels_agree=float((eager_logits.argmax(1) == exported_logits.argmax(1)).float().mean()),
+        ms_per_image_eager=timings["eager"],
+        ms_per_image_exported=timings["exported"],
+        file_mb=path.stat().st_size / 2**20,
+    )
+
+
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the optional extra for check_onnx
+
+
+def import_onnx_runtime():
+    """The onnxruntime module, or a one-line note (str) naming the missing optional package."""
+    for name in ONNX_PACKAGES:  # torch.onnx.export needs onnx and onnxscript; running, onnxruntime
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            return (
+                f"{name} is not installed, ONNX export skipped (optional extra: "
+                f"pip install {' '.join(ONNX_PACKAGES)})"
+            )
+    return module
+
+
+def ms_per_image(run, images: torch.Tensor) -> float:
+    """Mean milliseconds per image of run(image (1, 3, H, W)), one warm-up call first."""
+    run(images[:1])  # the first call allocates buffers (and plans, for onnxruntime)
+    start = time.perf_counter()
+    for i in range(len(images)):
+        run(images[i : i + 1])
+    return (time.perf_counter() - start) / len(images) * 1000
+
+
+def export_onnx(model: DilatedAttentionNet, example: torch.Tensor, path: Path) -> str | None:
+    """torch.onnx.export with dynamic batch, height and width to `path`; None when it worked,
+    else the error's first line (the file is then removed)."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height = torch.export.Dim("height", min=16, max=4096)
+    width = torch.export.Dim("width", min=16, max=4096)
+    try:
+        # dynamo=True: the exporter traces with torch.export, then translates to ONNX operators
+        torch.onnx.export(
+            model,
+            (example,),  # batch 2, not 1: a size-1 dimension would be fixed (see export_model)
+            path,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
+            dynamo=True,
+            verbose=False,
+        )
+    except Exception as error:  # an exporter that cannot translate an operator: report, go on
+        path.unlink(missing_ok=True)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first_line}"
+    return None
+
+
+@torch.no_grad()
+def check_onnx(
+    model: DilatedAttentionNet, images: torch.Tensor, path: Path, program: Path | None = None
+) -> dict:
+    """ONNX export with dynamic batch, height and width, run with onnxruntime, compared with eager
+    (also at a new image size), and the time per image of eager, onnxruntime and the torch.export
+    program saved at `program` (when given and present).
+
+    Returns {"skipped": "<one line>"} when the optional packages are missing, {"error": ...} when
+    the export fails.
+    """
+    ort = import_onnx_runtime()
+    if isinstance(ort, str):
+        return dict(skipped=ort)
+    model = copy.deepcopy(model).eval().cpu()
+    error = export_onnx(model, images[:2], path)
+    if error is not None:
+        return dict(error=error)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same cores as torch: a fair race
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run_onnx(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+    odd = F.interpolate(
+        images[:2], size=(images.shape[-2] + 13, images.shape[-1] + 7), mode="bilinear"
+    )
+    eager_logits, onnx_logits = model(images), run_onnx(images)
+    timings = dict(ms_per_image_eager=ms_per_image(model, images))
+    if program is not None and program.is_file():
+        timings["ms_per_image_exported"] = ms_per_image(torch.export.load(program).module(), images)
+    timings["ms_per_image_onnxruntime"] = ms_per_image(run_onnx, images)
+    return dict(
+        max_abs_diff=float((eager_logits - onnx_logits).abs().max()),
+        max_abs_diff_other_size=float((model(odd) - run_onnx(odd)).abs().max()),
+        labels_agree=float((eager_logits.argmax(1) == onnx_logits.argmax(1)).float().mean()),
+        **timings,
+        file_mb=path.stat().st_size / 2**20,
+        onnxruntime_version=ort.__version__,
+    )
+
+
+def print_deployment(export: dict, onnx: dict) -> None:
+    """One line per export check, then the latency of eager, torch.export and onnxruntime."""
+    if "error" in export:
+        print(
+            f"note: torch.export failed on PyTorch {torch.__version__}, export check skipped "
+            f"({export['error']})"
+        )
+    else:
+        print(
+            f"torch.export: max |eager - exported| {export['max_abs_diff']:.2e} (other size "
+            f"{export['max_abs_diff_other_size']:.2e})"
+        )
+    if "skipped" in onnx:
+        print(f"note: {onnx['skipped']}")
+    elif "error" in onnx:
+        print(f"note: ONNX export failed, ONNX check skipped ({onnx['error']})")
+    else:
+        print(
+            f"ONNX (onnxruntime {onnx['onnxruntime_version']}): max |eager - onnxruntime| "
+            f"{onnx['max_abs_diff']:.2e} (other size {onnx['max_abs_diff_other_size']:.2e})"
+        )
+    latency = onnx if "ms_per_image_onnxruntime" in onnx else export
+    names = (
+        ("eager", "ms_per_image_eager"),
+        ("torch.export", "ms_per_image_exported"),
+        ("onnxruntime", "ms_per_image_onnxruntime"),
+    )
+    print(
+        f"latency, one {IMAGE_SIZE}x{IMAGE_SIZE} image at a time on "
+        f"{torch.get_num_threads()} thread(s): "
+        + ", ".join(f"{name} {latency[key]:.1f} ms" for name, key in names if key in latency)
+    )
+
+
+def memory_and_deployment(model: DilatedAttentionNet, data: dict, device: torch.device) -> dict:
+    """Gradient checkpointing measured on one training batch, then the trained model exported
+    with torch.export and ONNX, each checked against eager; prints a summary."""
+    train, test = data["train"], data["test"]
+    memory = measure_checkpointing(
+        model_config(True, True), train["images"][:BATCH_SIZE], train["masks"][:BATCH_SIZE], device
+    )
+    print(
+        f"gradient checkpointing: saved activations {memory['plain']['saved_mb']:.1f} -> "
+        f"{memory['checkpointing']['saved_mb']:.1f} MB ({memory['memory_saved_fraction']:.0%} "
+        f"less), step time {memory['time_added_fraction']:+.0%}, BatchNorm updated "
+        f"{memory['checkpointing']['batchnorm_updates_per_step']} time(s) per step"
+    )
+    export = check_export(model, test["images"][:16], OUTPUT_DIR / "model.pt2")
+    onnx = check_onnx(
+        model, test["images"][:16], OUTPUT_DIR / "model.onnx", OUTPUT_DIR / "model.pt2"
+    )
+    print_deployment(export, onnx)
+    return dict(gradient_checkpointing=memory, export=export, onnx=onnx)
+
+
+# %% 8. Figures
+# ===============================================================================================
+# What the numbers do not show: the receptive fields of section 2 (with the trained network's
+# *effective* receptive field: where its gradient actually reaches), what the attention blocks
+# look at, the predictions of the baseline and of the final pipeline side by side, the exact and
+# the fast CRF on one image, and the ablation as bars.
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """Label map (H, W) -> RGB (H, W, 3); ignored pixels white."""
+    rgb = np.ones(labels.shape + (3,))
+    valid = labels < len(CLASS_NAMES)
+    rgb[valid] = CLASS_COLORS[labels[valid]]
+    return rgb
+
+
+def plot_label_panels(
+    panels: list[list], titles: list[str], path: Path, suptitle: str = ""
+) -> None:
+    """Grid of panels (rows of [image (3, H, W) tensor or label map (H, W)]) with column titles."""
+    rows, cols = len(panels), len(panels[0])
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.4), squeeze=False)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            panel = np.asarray(panel)
+            axes[r, c].imshow(
+                panel.transpose(1, 2, 0) if panel.ndim == 3 else colorize(panel),
+                interpolation="nearest",
+            )
+            axes[r, c].axis("off")
+            if r == 0:
+                axes[r, c].set_title(titles[c], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_receptive_fields(model: nn.Module, image: torch.Tensor, receptive: dict, path: Path):
+    """Gradient maps of the three dilation schedules of section 2, and the trained model's
+    effective receptive field (|d logit(centre) / d input|, log scale)."""
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+    for ax, (name, rates) in zip(axes, DILATION_RATES.items()):
+        grad = gradient_receptive_field([(3, 1, r) for r in rates], size=25)
+        ax.imshow(grad > 0, cmap="gray", interpolation="nearest")
+        rf, holes = receptive[name]["formula"], receptive[name]["holes_inside_rf"]
+        ax.set_title(f"{name}\nRF {rf} px, {holes} holes", fontsize=9)
+    model.eval()
+    x = image[None].to(next(model.parameters()).device).requires_grad_(True)  # (1, 3, H, W)
+    logits = model(x)
+    h, w = logits.shape[-2:]
+    logits[0, :, h // 2, w // 2].sum().backward()
+    effective = x.grad[0].abs().sum(0).cpu().numpy()  # (H, W)
+    model.zero_grad(set_to_none=True)  # the gradients were only for the picture
+    widths = receptive["model without attention"]["walked_px"]
+    axes[3].imshow(np.log1p(effective / effective.max() * 1e3), cmap="magma")
+    axes[3].set_title(
+        f"trained model: effective RF (log scale)\nRF {min(widths)}-{max(widths)} px without "
+        f"attention; with it, the whole image",
+        fontsize=9,
+    )
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_attention(model: DilatedAttentionNet, image: torch.Tensor, path: Path) -> None:
+    """CBAM's spatial map and the position attention of two query pixels, captured with hooks."""
+    captured = {}
+    hooks = [
+        model.cbam.spatial.register_forward_hook(lambda m, i, out: captured.update(spatial=out)),
+        model.position.register_forward_pre_hook(lambda m, i: captured.update(position_input=i[0])),
+    ]
+    model.eval()
+    labels = model(image[None]).argmax(1)[0]
+    for hook in hooks:
+        hook.remove()  # hooks stay until removed: do not leave them on a model you keep using
+    attention = model.position.attention_map(captured["position_input"])[0]  # (hw, hw)
+    h, w = captured["position_input"].shape[-2:]
+    # two query positions: the feature cell with the most "field" and one on a wire if there is one
+    small = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest-exact")
+    small = small[0, 0].long()  # (h, w)
+    queries = []
+    for cls in (1, 3, 0):
+        cells = torch.nonzero(small == cls)
+        if len(cells) and len(queries) < 2:
+            queries.append((cls, cells[len(cells) // 2].tolist()))
+    fig, axes = plt.subplots(1, 2 + len(queries), figsize=(3 * (2 + len(queries)), 3.2))
+    axes[0].imshow(image.permute(1, 2, 0).numpy())
+    axes[0].set_title("image", fontsize=9)
+    axes[1].imshow(captured["spatial"][0, 0].numpy(), cmap="viridis")
+    axes[1].set_title("CBAM spatial attention", fontsize=9)
+    for ax, (cls, (qy, qx)) in zip(axes[2:], queries):
+        ax.imshow(attention[qy * w + qx].view(h, w).numpy(), cmap="magma")  # row = one query pixel
+        ax.plot(qx, qy, "c+", markersize=12)
+        ax.set_title(
+            f"position attention of a {CLASS_NAMES[cls]} pixel (+)\n"
+            f"gamma = {model.position.gamma.item():.2f}",
+            fontsize=9,
+        )
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_ablation(rows: list[dict], path: Path) -> None:
+    """Horizontal bars: test mIoU and boundary F1 per row; grey = an inference step validation
+    dropped."""
+    names = [r["name"] for r in rows][::-1]
+    colours = ["tab:gray" if r.get("kept") is False else "tab:blue" for r in rows][::-1]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.2), sharey=True)
+    for ax, key, label in zip(
+        axes, ("miou", "boundary"), ("test mIoU", f"test boundary F1 (tol {BOUNDARY_TOLERANCE} px)")
+    ):
+        values = [r[key] for r in rows][::-1]
+        ax.barh(names, values, color=colours)
+        ax.set_xlim(min(values) - 0.05, max(values) + 0.02)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
+        ax.set_title(label, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device a model's weights live on."""
+    return next(model.parameters()).device
+
+
+def draw_figures(models, best, inference, crf_maps, data, receptive, rows) -> None:
+    """Every figure of the run, into OUTPUT_DIR: receptive fields, attention maps, predictions,
+    the exact and the fast CRF, and the ablation."""
+    test, final = data["test"], models[best][0]
+    plot_receptive_fields(final, test["images"][0], receptive, OUTPUT_DIR / "receptive_field.png")
+    plot_label_panels(
+        [[test["images"][0], test["masks"][0], *crf_maps]],
+        ["image", "ground truth", "network (TTA)", "exact dense CRF", "lattice dense CRF"],
+        OUTPUT_DIR / "crf_exact_vs_lattice.png",
+    )
+    count = min(4, len(test["images"]))
+    baseline_labels = predict_logits(models[0][0], test["images"][:4], device_of(models[0][0]))
+    best_labels = predict_logits(final, test["images"][:4], device_of(final))
+    plot_label_panels(
+        [
+            [test["images"][i], test["masks"][i], baseline_labels.argmax(1)[i],
+             best_labels.argmax(1)[i], inference["test_labels"][i]]
+            for i in range(count)
+        ],  # fmt: skip
+        ["image", "ground truth", "baseline", f"row {best + 1} (best val)",
+         "+ kept inference steps"],  # fmt: skip
+        OUTPUT_DIR / "predictions.png",
+    )
+    plot_attention(models[1][0].cpu(), test["images"][0], OUTPUT_DIR / "attention_maps.png")
+    plot_ablation(rows, OUTPUT_DIR / "ablation.png")
+
+
+# %% 9. Your own image: --predict
+# ===============================================================================================
+# The pipeline the ablation kept, on one picture: resize it to the training size (objects should
+# look as big as in training), (TTA) probabilities, back to the picture's size with size=, then
+# the dense CRF at full resolution and per-class morphology if validation kept them.
+
+
+def save_for_predict(state: dict, pipeline: dict, row_name: str) -> None:
+    """outputs/model.pt: the chosen row's checkpoint plus the inference steps validation kept."""
+    save_checkpoint(dict(state, pipeline=pipeline, ablation_row=row_name), OUTPUT_DIR / "model.pt")
+
+
+def predict_image(image_path: Path, device: torch.device) -> Path:
+    """Segment one image file with outputs/model.pt; write and return a side-by-side PNG."""
+    checkpoint_path = OUTPUT_DIR / "model.pt"
+    if not image_path.is_file():
+        raise SystemExit(f"error: no such image file: {image_path}")
+    if not checkpoint_path.is_file():
+        raise SystemExit(
+            f"error: no trained model at {checkpoint_path}; train one first: "
+            "python advanced_segmentation.py (a --quick run's model: --quick --predict)"
+        )
+    try:
+        with Image.open(image_path) as file:
+            photo = np.asarray(file.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    except (UnidentifiedImageError, OSError):
+        raise SystemExit(f"error: {image_path} is not an image that Pillow can read") from None
+    model, state = load_model(checkpoint_path, device)
+    pixels = torch.from_numpy(photo).permute(2, 0, 1)  # (3, H, W)
+    size = state["image_size"]
+    small = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True)
+    pipeline = state["pipeline"]  # the inference steps that helped on validation
+    probs = tta_predict(
+        model,
+        small.to(device),
+        scales=pipeline["scales"],
+        flips=pipeline["flips"],
+        rot90=pipeline["rot90"],
+    )
+    probs = F.interpolate(
+        probs.cpu(), size=pixels.shape[-2:], mode="bilinear", align_corners=False
+    )[0]  # (C, H, W)
+    if pipeline["crf_params"] is not None:
+        probs = dense_crf(probs, pixels, pipeline["crf_params"])
+    labels = probs.argmax(0).numpy()
+    if pipeline["morphology"]:
+        labels = morphological_cleanup(labels)
+    out_path = OUTPUT_DIR / f"{image_path.stem}_segmentation.png"
+    side_by_side = np.concatenate([photo, colorize(labels).astype(np.float32)], axis=1)
+    Image.fromarray((side_by_side * 255).round().astype(np.uint8)).save(out_path)
+    shares = ", ".join(f"{name} {np.mean(labels == c):.1%}" for c, name in enumerate(CLASS_NAMES))
+    print(f"{shares}\nsegmentation written to {out_path}")
+    return out_path
+
+
+# %% 10. Putting it together
+# ===============================================================================================
+# main() runs the chapter: data, receptive fields, the ablation's trained rows, the inference
+# tricks on the best of them, memory and deployment checks, figures, the model --predict uses,
+# and metrics.json.
+#
+# One seed and 96 test images are one draw: a difference of a few mIoU points between two rows
+# can come and go with the seed. So `--seeds 0 1 2` repeats the ablation with three seeds (new
+# data, new initial weights, new batch order each) and trains every row of ABLATION_ROWS. It
+# reports mean and spread, and for each row the change against its reference row in every seed:
+# a claim holds only when all seeds agree.
+
+
+def summarize_seeds(per_seed: list[dict]) -> list[dict]:
+    """Mean and spread of every row over the seeds, and its change against its reference row
+    (training rows: the row named in "against"; inference rows: the pipeline it was added to)."""
+    against = {row["name"]: row["against"] for row in ABLATION_ROWS}
+    summary = []
+    for name in [row["name"] for row in per_seed[0]["rows"]]:
+        runs = [next(r for r in seed["rows"] if r["name"] == name) for seed in per_seed]
+        by_name = [{r["name"]: r for r in seed["rows"]} for seed in per_seed]
+        test = np.array([r["miou"] for r in runs])
+        if name in against:  # a training row
+            reference = against[name]
+            changes = None if reference is None else test - [s[reference]["miou"] for s in by_name]
+        else:  # an inference row
+            reference = "the pipeline before"
+            changes = test - [r["test_miou_before"] for r in runs]
+        spread = float(test.std(ddof=1)) if len(test) > 1 else 0.0  # sample standard deviation
+        summary.append(
+            dict(
+                name=name,
+                test_miou_mean=float(test.mean()),
+                test_miou_std=spread,
+                test_miou_per_seed=test.round(4).tolist(),
+                val_miou_mean=float(np.mean([r["val_miou"] for r in runs])),
+                boundary_mean=float(np.mean([r["boundary"] for r in runs])),
+                iou_per_class_mean={
+                    c: round(float(np.nanmean([r["iou_per_class"][c] for r in runs])), 4)
+                    for c in CLASS_NAMES
+                },
+                against=reference,
+                change_per_seed=None if changes is None else changes.round(4).tolist(),
+                same_sign_in_every_seed=(
+                    None if changes is None else bool((changes > 0).all() or (changes < 0).all())
+                ),
+                kept=None if name in against else sum(bool(r["kept"]) for r in runs),
+            )
+        )
+    return summary
+
+
+def seed_fingerprint() -> str:
+    """A hash of this file and of its settings: a saved seed is reused only while both match."""
+    settings = {k: v for k, v in globals().items() if k.isupper() and k[0] != "_"}
+    settings.pop("OUTPUT_DIR")
+    return hashlib.sha256(
+        Path(__file__).read_bytes() + repr(sorted(settings.items(), key=str)).encode()
+    ).hexdigest()
+
+
+def run_seed(seed: int, device: torch.device, folder: Path, fingerprint: str) -> dict:
+    """Every row of ABLATION_ROWS, then the inference steps on the row validation prefers, with
+    one seed (new data too); saved to folder/seed{seed}.json."""
+    seed_start = time.perf_counter()
+    seed_everything(seed)
+    data = make_datasets(seed)  # a new draw of the data, too
+    rows, _, models = train_rows(ABLATION_ROWS, data, seed, device, folder, f"seed{seed}_")
+    best = max(range(len(models)), key=lambda i: models[i][1]["val_miou"])
+    inference = inference_ablation(models[best][0], data, device)
+    result = dict(
+        seed=seed,
+        rows=rows + inference["rows"],
+        inference_model=rows[best]["name"],
+        seconds=round(time.perf_counter() - seed_start, 1),
+        threads=torch.get_num_threads(),
+        fingerprint=fingerprint,
+    )
+    write_json(result, folder / f"seed{seed}.json")
+    return result
+
+
+def print_seed_summary(summary: list[dict], seeds: list[int]) -> None:
+    """The table of summarize_seeds: mean +- std, change per seed, whether every seed agrees."""
+    print(f"\nablation over seeds {tuple(seeds)}: test mIoU mean +- standard deviation; change")
+    print("against the reference row in each seed; 'yes' when every seed agrees on its sign")
+    print(f"{'row':<36}{'test mIoU':>16}  {'change per seed':<24}{'agree':>6}  against")
+    for r in summary:
+        changes = r["change_per_seed"]
+        change_text = "" if changes is None else " ".join(f"{c:+.3f}" for c in changes)
+        agree = "" if changes is None else ("yes" if r["same_sign_in_every_seed"] else "no")
+        kept = "" if r["kept"] is None else f" (kept in {r['kept']}/{len(seeds)} seeds)"
+        print(
+            f"{r['name'][:35]:<36}{r['test_miou_mean']:>9.4f} +- {r['test_miou_std']:.3f}  "
+            f"{change_text:<24}{agree:>6}  {r['against'] or ''}{kept}"
+        )
+
+
+def seed_ablation(seeds: list[int], device: torch.device) -> dict:
+    """The full ablation (every row of ABLATION_ROWS, then the inference steps on the row that
+    validation prefers), once per seed; prints and returns mean, spread and changes per seed."""
+    start = time.perf_counter()
+    folder = OUTPUT_DIR / "seeds"
+    folder.mkdir(parents=True, exist_ok=True)
+    # An interrupted run resumes: each finished seed is saved with a fingerprint of this file and
+    # of its constants, and reused only while both are unchanged.
+    fingerprint = seed_fingerprint()
+    per_seed = []
+    for seed in seeds:
+        path = folder / f"seed{seed}.json"
+        if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+            print(f"\n=== seed {seed}: done earlier with this code and settings, reused ===")
+            per_seed.append(json.loads(path.read_text()))
+            continue
+        print(f"\n=== seed {seed} ===")
+        per_seed.append(run_seed(seed, device, folder, fingerprint))
+    summary = summarize_seeds(per_seed)
+    print_seed_summary(summary, seeds)
+    total = time.perf_counter() - start
+    metrics = dict(
+        seeds=list(seeds),
+        summary=summary,
+        per_seed=per_seed,
+        total_seconds=round(total, 1),
+        device=str(device),
+    )
+    write_json(metrics, folder / "metrics.json")
+    timing = ", ".join(f"seed {r['seed']} {r['seconds']:.0f} s" for r in per_seed)
+    threads = sorted({r["threads"] for r in per_seed})
+    print(f"\ntotal {total:.0f} s this call | {timing}, {threads} thread(s) | {folder}")
+    return metrics
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: --quick, --predict IMAGE, --seeds SEED ..., --threads N."""
+    parser = argparse.ArgumentParser(
+        description="Advanced segmentation techniques, measured in one ablation."
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny run (set-up check)")
+    parser.add_argument("--predict", metavar="IMAGE", type=Path, help="segment your own image")
+    parser.add_argument(
+        "--seeds",
+        metavar="SEED",
+        type=int,
+        nargs="+",
+        help="the full ablation (every row) once per seed, e.g. --seeds 0 1 2: mean and spread",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: CPU_THREADS); 1 on a busy machine"
+    )
+    return parser.parse_args(argv)
+
+
+def set_up(args: argparse.Namespace) -> torch.device:
+    """Pick the device, set the CPU threads and, with --quick, the tiny settings."""
+    device = pick_device(DEVICE)
+    # cuDNN tries its convolution algorithms on the first batch of each shape and keeps the
+    # fastest: worth it when shapes repeat, as they do here (no effect on a CPU).
+    torch.backends.cudnn.benchmark = True
+    threads = args.threads or CPU_THREADS
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    if args.quick:
+        # Replace the constants above for this run only, and keep its files in outputs/quick/
+        # so that a set-up check never overwrites the model or metrics of a real run.
+        globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
+    return device
+
+
+def write_metrics(rows, histories, inference, crf_check, receptive, deployment, data, best,
+                  device, start) -> dict:  # fmt: skip
+    """Everything the run measured, into OUTPUT_DIR/metrics.json; returns it."""
+    total_seconds = time.perf_counter() - start
+    rounded = ("miou", 4), ("boundary", 4), ("seconds", 1), ("val_miou", 4)
+    metrics = dict(
+        ablation=[dict(r, **{key: round(r[key], digits) for key, digits in rounded}) for r in rows],
+        seconds_meaning=(
+            "training rows: training + test evaluation; "
+            "inference rows: that step over the whole test split"
+        ),
+        inference_pipeline=inference["pipeline"],
+        crf=dict(
+            params=inference["crf"]["params"],
+            candidates=list(CRF_CANDIDATES),
+            val_miou_per_candidate=inference["crf"]["val_miou_per_candidate"],
+            **crf_check,
+        ),
+        receptive_field=receptive,
+        **deployment,
+        class_frequency={n: float(f) for n, f in zip(CLASS_NAMES, data["class_frequency"])},
+        inference_model=TRAINING_ROWS[best]["name"],
+        histories=histories,
+        total_seconds=round(total_seconds, 1),
+        device=str(device),
+    )
+    write_json(metrics, OUTPUT_DIR / "metrics.json")
+    print(f"\ntotal {total_seconds:.0f} s | outputs in {OUTPUT_DIR}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The chapter in one screen: one call per section, in order; returns the metrics written.
+
+    With --predict IMAGE it segments your image instead; with --seeds it runs every ablation row
+    once per seed and reports which differences hold in every seed.
+    """
+    args = parse_args(argv)
+    device = set_up(args)  # device, CPU threads, --quick's tiny settings
+    if args.predict is not None:  # your own image (section 9); --quick --predict: the quick model
+        return {"segmentation": str(predict_image(args.predict, device))}
+    if args.seeds:  # the whole ablation once per seed (this section)
+        return seed_ablation(args.seeds, device)
+    start = time.perf_counter()
+    seed_everything(SEED)
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    # 1. data: three splits of synthetic scenes, and the training masks' U-Net weight maps
+    data = make_datasets(SEED)
+    describe_data(data, device)
+    # 2. atrous convolution: the receptive field of three stacks of dilated convolutions
+    receptive = gridding_report()
+    # 3. model: the receptive field of the real network, walked along its layers and measured
+    receptive.update(network_receptive_fields())
+    # 5. training: the ablation's four rows (the models of section 3, the losses of section 4)
+    rows, histories, models = train_rows(TRAINING_ROWS, data, SEED, device, OUTPUT_DIR)
+    # 6. inference tricks on the row validation prefers; the fast CRF against the exact one
+    best, inference = add_inference_tricks(models, data, device)
+    rows += inference["rows"]
+    print_ablation(rows)
+    crf_check, crf_maps = check_crf(inference, data)
+    # 7. memory and deployment: gradient checkpointing, torch.export, ONNX
+    deployment = memory_and_deployment(models[best][0], data, device)
+    # 8. figures
+    draw_figures(models, best, inference, crf_maps, data, receptive, rows)
+    # 9. your own image: the model and the kept inference steps that --predict uses
+    save_for_predict(models[best][1], inference["pipeline"], TRAINING_ROWS[best]["name"])
+    # 10. putting it together: everything measured, into metrics.json
+    return write_metrics(
+        rows, histories, inference, crf_check, receptive, deployment, data, best, device, start
+    )
+
+
+# %% Appendix: a fast dense CRF
+# ===============================================================================================
 # K is N x N: 35 billion entries for a 500 x 375 image. The trick that makes it fast: K Q is a
 # Gaussian *filter* in feature space (x, y, r, g, b), and the permutohedral lattice (Adams et al.,
 # 2010) computes such a filter in O(N d) by 1) splatting each pixel onto the d + 1 corners of
 # its enclosing simplex of a lattice whose spacing is one standard deviation, 2) blurring along
 # the lattice's d + 1 axes with [1/2, 1, 1/2], 3) slicing the result back at the pixels. The
 # price: the lattice blur only approximates a Gaussian (its kernel is slightly anisotropic and
-# truncated); after normalisation the filtered values are about 1% off the exact ones, and we
-# measure the effect on the CRF's labels against the exact N x N computation in main().
+# truncated); after normalisation the filtered values are about 1% off the exact ones, and
+# compare_crf_exact (section 6) measures the effect on the CRF's labels.
 # Splat, blur and slice are sparse matrices, so each mean-field step is a few sparse-dense
-# products. Speed matters here (the C++ reference takes ~0.3 s for 500 x 375 and 21 labels), so:
+# products. Speed matters here (the C++ reference is the yardstick), so:
 # - the lattice is built with whole-array numpy operations only (no Python loop over pixels) and
-#   small integer types where they suffice (int8 ranks are several times faster than int64);
+#   small integer types where they suffice (int8 ranks instead of int64);
 # - a sparse matrix times a dense one is F.embedding_bag (row r of the result = weighted sum of
 #   the dense rows listed in row r): one fast kernel for all 21 labels at once, float32;
 # - vertices are numbered in the order the pixels first use them, so the splat reads Q in order;
@@ -1526,7 +2619,7 @@ def lattice_filter(lattice: tuple, values):
     return v.numpy() if isinstance(values, np.ndarray) else v
 
 
-def normalised_lattice(lattice: tuple, weight: float) -> tuple:
+def normalized_lattice(lattice: tuple, weight: float) -> tuple:
     """The lattice of weight * D^-1/2 K D^-1/2 (D = K 1): the factors are folded into its weights,
     splat columns times D^-1/2 and slice rows times weight * D^-1/2, so they cost nothing later."""
     splat, blurs, slice_ = lattice
@@ -1562,17 +2655,6 @@ def summed_lattice_filter(lattices: list):
     return filter_
 
 
-def crf_features(image: np.ndarray, sxy: float, srgb: float | None = None) -> np.ndarray:
-    """Per-pixel features (H*W, 2 or 5) in row-major order: (x, y[, r, g, b]) / sigmas; image
-    (H, W, 3) in 0..255."""
-    h, w = image.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
-    columns = [xx / sxy, yy / sxy]
-    if srgb is not None:
-        columns += [image[..., c] / srgb for c in range(3)]
-    return np.stack([c.ravel() for c in columns], axis=1).astype(np.float64)
-
-
 _SPATIAL_LATTICES: dict = {}  # (H, W, sxy, weight) -> lattice (the smoothness kernel: no colours)
 
 
@@ -1580,25 +2662,8 @@ def spatial_lattice(h: int, w: int, sxy: float, weight: float) -> tuple:
     """The smoothness kernel's normalised, weighted lattice, built once per image size."""
     if (h, w, sxy, weight) not in _SPATIAL_LATTICES:
         lattice = permutohedral_lattice(crf_features(np.zeros((h, w, 3)), sxy))
-        _SPATIAL_LATTICES[(h, w, sxy, weight)] = normalised_lattice(lattice, weight)
+        _SPATIAL_LATTICES[(h, w, sxy, weight)] = normalized_lattice(lattice, weight)
     return _SPATIAL_LATTICES[(h, w, sxy, weight)]
-
-
-def mean_field(probs: torch.Tensor, kernels: list, iterations: int) -> torch.Tensor:
-    """Mean-field with Potts compatibility: probs (N, L) -> Q (N, L).
-
-    kernels: [filter] where filter(Q (N, L) torch) = sum_m w_m Kn_m Q, a new tensor, for one or
-    more kernels, each normalised symmetrically (Kn = D^-1/2 K D^-1/2, D = K 1) and weighted.
-    """
-    probs = probs.clamp(min=1e-8)
-    unary = torch.log(probs)  # -U
-    q = probs / probs.sum(1, keepdim=True)  # = softmax(-U): the network's own probabilities
-    for _ in range(iterations):
-        scores = unary
-        for filter_ in kernels:
-            scores = filter_(q).add_(scores)  # -U + w * D^-1/2 K D^-1/2 Q
-        q = torch.softmax(scores, dim=1)  # Potts: agreeing neighbours add to a label's score
-    return q
 
 
 def dense_crf(
@@ -1617,432 +2682,12 @@ def dense_crf(
             image.permute(1, 2, 0).numpy().astype(np.float64) * 255.0
         )  # (H, W, 3), srgb is in 0..255
         features = crf_features(pixels, params["app_sxy"], params["app_srgb"])
-        lattices.append(normalised_lattice(permutohedral_lattice(features), params["app_weight"]))
+        lattices.append(normalized_lattice(permutohedral_lattice(features), params["app_weight"]))
     kernels = [summed_lattice_filter(lattices)] if lattices else []
     flat = (
         probs.reshape(labels, -1).T.contiguous().float()
     )  # (L, H, W) -> (H*W, L), row-major pixels
     return mean_field(flat, kernels, iterations).T.reshape(labels, h, w)
-
-
-def dense_crf_exact(
-    probs: torch.Tensor, image: torch.Tensor, params: dict | None = None, iterations=None
-) -> torch.Tensor:
-    """The same CRF with the exact N x N kernels (small images only: memory grows as N^2)."""
-    params = CRF_PARAMS if params is None else params
-    iterations = CRF_ITERATIONS if iterations is None else iterations
-    labels, h, w = probs.shape
-    pixels = image.permute(1, 2, 0).numpy().astype(np.float64) * 255.0
-    kernels = []
-    for weight, feats in (
-        (params["smooth_weight"], crf_features(pixels, params["smooth_sxy"])),
-        (params["app_weight"], crf_features(pixels, params["app_sxy"], params["app_srgb"])),
-    ):
-        if not weight:
-            continue
-        f = torch.from_numpy(feats)
-        matrix = torch.exp(-torch.cdist(f, f).square() / 2).float()  # (N, N), diagonal = 1
-        norm = torch.rsqrt((matrix @ torch.ones(len(f), 1)).clamp(min=1e-20))  # D^-1/2, (N, 1)
-        kernels.append(lambda v, k=matrix, s=norm, w=weight: (k @ (s * v)) * (w * s))
-    flat = probs.reshape(labels, -1).T.contiguous().float()
-    return mean_field(flat, kernels, iterations).T.reshape(labels, h, w)
-
-
-def crf_labels(probs: torch.Tensor, images: torch.Tensor, params: dict) -> torch.Tensor:
-    """Dense CRF on every image: probs (N, L, H, W), images (N, 3, H, W) -> labels (N, H, W)."""
-    return torch.stack([dense_crf(p, im, params).argmax(0) for p, im in zip(probs, images)])
-
-
-# Morphology. Simple per-class clean-ups with scipy.ndimage on the label map: opening (erode then
-# dilate) deletes specks and 1-px bridges, closing (dilate then erode) fills small gaps, hole
-# filling closes interior holes, and connected components smaller than min_size are removed.
-# Per class, because what is noise for one class is the signal of another: an opening of radius
-# 1 erases a 2-px wire completely. A class may grow (closing, hole filling) only into background:
-# otherwise closing the field would swallow the 1-px wire that crosses it, and filling its holes
-# would swallow the gem lying on it. Pixels a class gives up take the label of the nearest pixel
-# of another class (a distance transform with return_indices finds it): never the class that
-# just gave them up, or a spur cut off by the opening would grow straight back.
-
-
-def disk(radius: int) -> np.ndarray:
-    """Boolean disk-shaped structuring element of the given radius."""
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return xx**2 + yy**2 <= radius**2
-
-
-def morphological_cleanup(labels: np.ndarray, rules: dict | None = None) -> np.ndarray:
-    """Apply MORPHOLOGY-style rules {class: dict(open, close, fill_holes, min_size)} to labels
-    (H, W); pixels a class gives up take the label of the nearest pixel of another class."""
-    rules = MORPHOLOGY if rules is None else rules
-    out = labels.copy()
-    for c, rule in rules.items():
-        region = out == c
-        if rule.get("open", 0):
-            region = ndimage.binary_opening(region, structure=disk(rule["open"]))
-        if rule.get("close", 0):
-            region = ndimage.binary_closing(region, structure=disk(rule["close"]))
-        if rule.get("fill_holes", False):
-            region = ndimage.binary_fill_holes(region)
-        if rule.get("min_size", 0):
-            components, count = ndimage.label(region)
-            sizes = np.bincount(components.ravel(), minlength=count + 1)  # sizes[0] = outside
-            region = (sizes >= rule["min_size"])[components] & (components > 0)
-        region &= (out == c) | (out == 0)  # grow into background only, never into other classes
-        released = (out == c) & ~region  # pixels class c gave up
-        out[region] = c
-        donors = (out != c) & ~released  # labels a released pixel may take: any class but c
-        if released.any() and donors.any():
-            # each released pixel takes the label of its nearest donor. Gotcha: the nearest pixel
-            # that merely kept its label is often of class c itself (the spur an opening just cut
-            # off touches the blob it grew from): taking that label would undo the clean-up.
-            _, nearest = ndimage.distance_transform_edt(~donors, return_indices=True)
-            out[released] = out[nearest[0][released], nearest[1][released]]
-        elif released.any():
-            out[released] = 0  # no other class anywhere: background
-    return out
-
-
-# ===============================================================================================
-# 7. Memory and deployment
-# ===============================================================================================
-# Gradient checkpointing. Backward needs the activations of the forward pass; normally autograd
-# keeps them all. We count what it keeps with torch.autograd.graph.saved_tensors_hooks (every
-# tensor saved for backward passes through `pack`), which works on any device. With
-# GRAD_CHECKPOINT the stages keep only their inputs and recompute the rest in backward: less
-# memory, more time. On a GPU it is what lets a bigger batch or image fit.
-#
-# Export. torch.export traces the model into a self-contained program (no Python class needed to
-# load it) with the image height and width marked dynamic, saves it as a .pt2 file, and we load
-# it back as a user would and check it computes the same logits as the eager model.
-
-
-def saved_activation_bytes(
-    model: DilatedAttentionNet, images: torch.Tensor, masks: torch.Tensor
-) -> int:
-    """Bytes of distinct tensors autograd keeps for backward in one training step (then
-    backward)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = (
-            t.untyped_storage().nbytes()
-        )  # shared storage counted once
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX)
-    loss.backward()  # the recomputation inside checkpointed stages is not counted: freed at once
-    model.zero_grad(set_to_none=True)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for ptr, size in seen.items() if ptr not in params)  # activations, not weights
-
-
-def step_seconds(
-    model: DilatedAttentionNet, images: torch.Tensor, masks: torch.Tensor, repeats: int = 3
-) -> float:
-    """Median wall time of forward + backward."""
-    model.train()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX).backward()
-        times.append(time.perf_counter() - start)
-    model.zero_grad(set_to_none=True)
-    return float(np.median(times))
-
-
-def measure_checkpointing(
-    config: dict, images: torch.Tensor, masks: torch.Tensor, device: torch.device
-) -> dict:
-    """Saved activation memory and step time, without and with gradient checkpointing."""
-    result = {}
-    images, masks = images.to(device), masks.to(device)
-    for enabled in (False, True):
-        torch.manual_seed(SEED)
-        model = DilatedAttentionNet(**dict(config, grad_checkpoint=enabled)).to(device)
-        key = "checkpointing" if enabled else "plain"
-        saved_mb = saved_activation_bytes(model, images, masks) / 2**20  # one training step
-        updates = max(  # how often that one step updated BatchNorm's running statistics
-            int(m.num_batches_tracked) for m in model.modules() if isinstance(m, nn.BatchNorm2d)
-        )
-        result[key] = dict(
-            saved_mb=saved_mb,
-            batchnorm_updates_per_step=updates,
-            step_seconds=step_seconds(model, images, masks),
-        )
-    saved = result["checkpointing"]["saved_mb"] / result["plain"]["saved_mb"]
-    result["memory_saved_fraction"] = 1 - saved
-    result["time_added_fraction"] = (
-        result["checkpointing"]["step_seconds"] / result["plain"]["step_seconds"] - 1
-    )
-    return result
-
-
-def export_model(model: DilatedAttentionNet, example: torch.Tensor, path: Path):
-    """torch.export with dynamic batch, height and width, saved to `path`, loaded back as a
-    module."""
-    model = model.eval()
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    height = torch.export.Dim("height", min=16, max=4096)
-    width = torch.export.Dim("width", min=16, max=4096)
-    # Gotcha: an example with batch 1 (or size 1 anywhere) gets specialised to exactly 1; trace
-    # with a batch of 2 so that the batch dimension stays dynamic
-    program = torch.export.export(
-        model, (example,), dynamic_shapes={"x": {0: batch, 2: height, 3: width}}
-    )
-    torch.export.save(program, path)
-    return torch.export.load(path).module()  # what a user does: no DilatedAttentionNet class needed
-
-
-@torch.no_grad()
-def check_export(model: DilatedAttentionNet, images: torch.Tensor, path: Path) -> dict:
-    """Export on the CPU, reload, compare logits with eager (also at a new image size), time per
-    image.
-
-    If torch.export fails (older PyTorch releases), returns {"error": "<the error's first line>"}.
-    """
-    model = copy.deepcopy(model).eval().cpu()  # a CPU copy: the caller's model stays on its device
-    try:
-        exported = export_model(model, images[:2], path)
-    except Exception as error:  # torch.export is young: PyTorch 2.11 could not prove our dynamic
-        # width valid ("Constraints violated (width)"); 2.14 exports this model. Report, go on.
-        path.unlink(missing_ok=True)  # no program from an earlier run may pass for this one's
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return dict(error=f"{type(error).__name__}: {first_line}")
-    eager_logits, exported_logits = model(images), exported(images)
-    odd = F.interpolate(
-        images[:2], size=(images.shape[-2] + 13, images.shape[-1] + 7), mode="bilinear"
-    )
-    timings = {
-        name: ms_per_image(module, images)
-        for name, module in (("eager", model), ("exported", exported))
-    }
-    return dict(
-        max_abs_diff=float((eager_logits - exported_logits).abs().max()),
-        max_abs_diff_other_size=float((model(odd) - exported(odd)).abs().max()),
-        labels_agree=float((eager_logits.argmax(1) == exported_logits.argmax(1)).float().mean()),
-        ms_per_image_eager=timings["eager"],
-        ms_per_image_exported=timings["exported"],
-        file_mb=path.stat().st_size / 2**20,
-    )
-
-
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the optional extra for check_onnx
-
-
-def import_onnx_runtime():
-    """The onnxruntime module, or a one-line note (str) naming the missing optional package."""
-    for name in ONNX_PACKAGES:  # torch.onnx.export needs onnx and onnxscript; running, onnxruntime
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            return (
-                f"{name} is not installed, ONNX export skipped (optional extra: "
-                f"pip install {' '.join(ONNX_PACKAGES)})"
-            )
-    return module
-
-
-def ms_per_image(run, images: torch.Tensor) -> float:
-    """Mean milliseconds per image of run(image (1, 3, H, W)), one warm-up call first."""
-    run(images[:1])  # the first call allocates buffers (and plans, for onnxruntime)
-    start = time.perf_counter()
-    for i in range(len(images)):
-        run(images[i : i + 1])
-    return (time.perf_counter() - start) / len(images) * 1000
-
-
-@torch.no_grad()
-def check_onnx(
-    model: DilatedAttentionNet, images: torch.Tensor, path: Path, program: Path | None = None
-) -> dict:
-    """ONNX export with dynamic batch, height and width, run with onnxruntime, compared with eager
-    (also at a new image size), and the time per image of eager, onnxruntime and the torch.export
-    program saved at `program` (when given and present).
-
-    Returns {"skipped": "<one line>"} when the optional packages are missing, {"error": ...} when
-    the export fails.
-    """
-    ort = import_onnx_runtime()
-    if isinstance(ort, str):
-        return dict(skipped=ort)
-    model = copy.deepcopy(model).eval().cpu()
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    height = torch.export.Dim("height", min=16, max=4096)
-    width = torch.export.Dim("width", min=16, max=4096)
-    try:
-        # dynamo=True: the exporter traces with torch.export, then translates to ONNX operators
-        torch.onnx.export(
-            model,
-            (images[:2],),  # batch 2, not 1: a size-1 dimension would be fixed (see export_model)
-            path,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
-            dynamo=True,
-            verbose=False,
-        )
-    except Exception as error:  # an exporter that cannot translate an operator: report, go on
-        path.unlink(missing_ok=True)
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return dict(error=f"{type(error).__name__}: {first_line}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same cores as torch: a fair race
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run_onnx(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-
-    odd = F.interpolate(
-        images[:2], size=(images.shape[-2] + 13, images.shape[-1] + 7), mode="bilinear"
-    )
-    eager_logits, onnx_logits = model(images), run_onnx(images)
-    timings = dict(ms_per_image_eager=ms_per_image(model, images))
-    if program is not None and program.is_file():
-        timings["ms_per_image_exported"] = ms_per_image(torch.export.load(program).module(), images)
-    timings["ms_per_image_onnxruntime"] = ms_per_image(run_onnx, images)
-    return dict(
-        max_abs_diff=float((eager_logits - onnx_logits).abs().max()),
-        max_abs_diff_other_size=float((model(odd) - run_onnx(odd)).abs().max()),
-        labels_agree=float((eager_logits.argmax(1) == onnx_logits.argmax(1)).float().mean()),
-        **timings,
-        file_mb=path.stat().st_size / 2**20,
-        onnxruntime_version=ort.__version__,
-    )
-
-
-# ===============================================================================================
-# 8. The ablation, and the CRF's speed and accuracy
-# ===============================================================================================
-# The default run trains the four rows marked default=True below, each adding one idea to the
-# one before (same data, same seed, same epochs). The inference-time tricks are then added one at
-# a time on top of the trained row with the best *validation* mIoU: flips and rotations,
-# multi-scale inference, the dense CRF, morphology. Each is scored on validation and on test; a
-# step is kept for the next rows (and for --predict) only if it raised validation mIoU. The test
-# split never chooses anything. Every row reports test mIoU, boundary F1 and its time cost: for a
-# training row its training plus evaluation, for an inference row what that step costs over the
-# whole test split.
-# The CRF's parameters are chosen on validation among CRF_CANDIDATES: the reference defaults were
-# tuned for 500 x 375 photographs, not for 64 px scenes, and a CRF with the wrong parameters
-# makes a good segmentation worse.
-#
-# One seed and 96 test images are one draw: a difference of a few mIoU points between two rows
-# can come and go with the seed. So `--seeds 0 1 2` repeats the ablation with three seeds (new
-# data, new initial weights, new batch order each) and trains every row below: each row changes
-# ONE thing against the row named in "against" (CBAM alone, position attention alone, each loss
-# alone), so that each claim has its own row. It reports mean and spread, and for each row the
-# change against its reference row in every seed: a claim holds only when all seeds agree.
-
-
-def ablation_row(name, cbam, position, loss, against, multiscale=False, default=False) -> dict:
-    """One trained row. loss: {mixed_loss term: weight}, or "mixed" for LOSS_WEIGHTS; against:
-    the row it changes one thing from; default: trained in the default (one-seed) run too."""
-    return dict(
-        name=name, cbam=cbam, position=position, loss=loss, against=against,
-        multiscale=multiscale, default=default,
-    )  # fmt: skip
-
-
-CE, ATTENTION = dict(ce=1.0), "+ attention (CBAM, position)"
-ABLATION_ROWS = (
-    ablation_row("baseline", False, False, CE, None, default=True),
-    ablation_row("+ CBAM", True, False, CE, "baseline"),
-    ablation_row("+ position attention", False, True, CE, "baseline"),
-    ablation_row(ATTENTION, True, True, CE, "baseline", default=True),
-    ablation_row("attention, OHEM cross-entropy", True, True, dict(ohem=1.0), ATTENTION),
-    ablation_row("attention, boundary-weighted CE", True, True, dict(boundary_ce=1.0), ATTENTION),
-    ablation_row("attention, soft Dice", True, True, dict(dice=1.0), ATTENTION),
-    ablation_row("attention, Lovasz-softmax", True, True, dict(lovasz=1.0), ATTENTION),
-    ablation_row("+ mixed loss with OHEM", True, True, "mixed", ATTENTION, default=True),
-    ablation_row(
-        "+ multi-scale training", True, True, "mixed", "+ mixed loss with OHEM", True, True
-    ),
-)
-TRAINING_ROWS = tuple(row for row in ABLATION_ROWS if row["default"])  # the default run's rows
-
-
-def tune_crf(
-    probs: torch.Tensor, images: torch.Tensor, masks: torch.Tensor
-) -> tuple[dict, list, torch.Tensor]:
-    """Pick the CRF_CANDIDATES entry with the best mIoU on the given (validation) data.
-
-    Returns (best parameters, mIoU per candidate, the best candidate's label maps (N, H, W)).
-    """
-    labels = [crf_labels(probs, images, params) for params in CRF_CANDIDATES]
-    scores = [score_labels(x, masks)["miou"] for x in labels]
-    best = int(np.argmax(scores))
-    return dict(CRF_CANDIDATES[best]), scores, labels[best]
-
-
-def inference_ablation(model: DilatedAttentionNet, data: dict, device: torch.device) -> dict:
-    """Add TTA, multi-scale inference, the CRF and morphology in turn; keep what helps on
-    validation.
-
-    Returns the ablation rows, the kept pipeline, the CRF tuning, and the test probabilities and
-    final label maps the figures need.
-    """
-    val, test = data["val"], data["test"]
-    rows = []
-    probs = {
-        split: predict_logits(model, data[split]["images"], device).softmax(1)
-        for split in ("val", "test")
-    }
-    reference = score_labels(probs["val"].argmax(1), val["masks"])["miou"]  # val mIoU to beat
-    before = score_labels(probs["test"].argmax(1), test["masks"])["miou"]  # the kept pipeline's
-    pipeline = dict(scales=(1.0,), flips=False, rot90=False, crf_params=None, morphology=False)
-
-    def add_row(name, val_labels, test_labels, seconds) -> bool:
-        nonlocal reference, before
-        val_miou = score_labels(val_labels, val["masks"])["miou"]
-        kept = val_miou > reference
-        scores = score_labels(test_labels, test["masks"])
-        rows.append(
-            dict(name=name, **scores, seconds=seconds, val_miou=val_miou, kept=kept,
-                 test_miou_before=before)  # the test mIoU of the pipeline this step was added to
-        )  # fmt: skip
-        reference = max(reference, val_miou)
-        before = scores["miou"] if kept else before
-        return kept
-
-    # 1) flips and quarter turns at scale 1, 2) multi-scale inference (with them if they were kept)
-    for name, change in (
-        ("+ TTA: flips and rotations", dict(flips=True, rot90=True)),
-        (f"+ multi-scale inference {tuple(TTA_SCALES)}", dict(scales=tuple(TTA_SCALES))),
-    ):
-        trial = dict(pipeline, **change)
-        options = dict(scales=trial["scales"], flips=trial["flips"], rot90=trial["rot90"])
-        start = time.perf_counter()
-        test_probs = tta_probabilities(model, test["images"], device, **options)
-        seconds = time.perf_counter() - start
-        val_probs = tta_probabilities(model, val["images"], device, **options)
-        if add_row(name, val_probs.argmax(1), test_probs.argmax(1), seconds):
-            pipeline, probs = trial, dict(val=val_probs, test=test_probs)
-    labels = {split: p.argmax(1) for split, p in probs.items()}
-    # 3) the dense CRF with parameters tuned on validation
-    crf_params, crf_scores, val_crf = tune_crf(probs["val"], val["images"], val["masks"])
-    start = time.perf_counter()
-    test_crf = crf_labels(probs["test"], test["images"], crf_params)
-    if add_row("+ dense CRF", val_crf, test_crf, time.perf_counter() - start):
-        pipeline["crf_params"], labels = crf_params, dict(val=val_crf, test=test_crf)
-    # 4) morphology
-    start = time.perf_counter()
-    test_clean = torch.from_numpy(
-        np.stack([morphological_cleanup(m) for m in labels["test"].numpy()])
-    )
-    seconds = time.perf_counter() - start
-    val_clean = torch.from_numpy(
-        np.stack([morphological_cleanup(m) for m in labels["val"].numpy()])
-    )
-    if add_row("+ morphology", val_clean, test_clean, seconds):
-        pipeline["morphology"], labels = True, dict(val=val_clean, test=test_clean)
-    return dict(
-        rows=rows,
-        pipeline=pipeline,
-        crf=dict(params=crf_params, val_miou_per_candidate=crf_scores),
-        test_probs=probs["test"],
-        test_labels=labels["test"],
-    )
 
 
 def benchmark_crf(seed: int) -> dict:
@@ -2082,546 +2727,107 @@ def benchmark_crf(seed: int) -> dict:
     )
 
 
-def compare_crf_exact(probs: torch.Tensor, image: torch.Tensor, params: dict) -> tuple[dict, tuple]:
-    """Lattice vs exact CRF on one small image: label agreement and probability difference."""
-    start = time.perf_counter()
-    exact = dense_crf_exact(probs, image, params)
-    exact_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    approx = dense_crf(probs, image, params)
-    lattice_seconds = time.perf_counter() - start
-    changed = probs.argmax(0) != exact.argmax(0)  # pixels where the exact CRF changed the label
-    result = dict(
-        pixels=int(probs[0].numel()),
-        label_agreement=float((exact.argmax(0) == approx.argmax(0)).float().mean()),
-        agreement_on_changed_pixels=(
-            float((exact.argmax(0) == approx.argmax(0))[changed].float().mean())
-            if changed.any()
-            else None
-        ),
-        mean_abs_prob_diff=float((exact - approx).abs().mean()),
-        max_abs_prob_diff=float((exact - approx).abs().max()),
-        exact_seconds=exact_seconds,
-        lattice_seconds=lattice_seconds,
-    )
-    return result, (probs.argmax(0), exact.argmax(0), approx.argmax(0))
-
-
+# %% Appendix: plumbing
 # ===============================================================================================
-# 9. Visualization
-# ===============================================================================================
+# Device choice, seeding, memory layout, mixed precision, atomic saves and JSON: the same helpers
+# in every chapter, copied byte for byte (tests/test_chapters.py compares the copies), so that a
+# diff between two chapters shows only the new idea. Nothing here is about segmentation.
 
 
-def colourize(labels: np.ndarray) -> np.ndarray:
-    """Label map (H, W) -> RGB (H, W, 3); ignored pixels white."""
-    rgb = np.ones(labels.shape + (3,))
-    valid = labels < len(CLASS_NAMES)
-    rgb[valid] = CLASS_COLOURS[labels[valid]]
-    return rgb
+def pick_device(name: str) -> torch.device:
+    """Return the device named by DEVICE; "auto" prefers CUDA, then Apple MPS, then the CPU.
+
+    Under torchrun (Example 2) every process takes the GPU numbered by its LOCAL_RANK.
+    """
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
-def plot_label_panels(
-    panels: list[list], titles: list[str], path: Path, suptitle: str = ""
-) -> None:
-    """Grid of panels (rows of [image (3, H, W) tensor or label map (H, W)]) with column titles."""
-    rows, cols = len(panels), len(panels[0])
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.4), squeeze=False)
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
-            panel = np.asarray(panel)
-            axes[r, c].imshow(
-                panel.transpose(1, 2, 0) if panel.ndim == 3 else colourize(panel),
-                interpolation="nearest",
-            )
-            axes[r, c].axis("off")
-            if r == 0:
-                axes[r, c].set_title(titles[c], fontsize=8)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+def pick_num_workers(setting) -> int:
+    """DataLoader worker processes: "auto" = 0 on a CPU-only machine, min(8, cores - 1) with CUDA.
+
+    On a CPU the workers would compete with the model for the same cores; a GPU finishes a batch
+    faster than one process decodes the next one's JPEGs, so there the workers pay off.
+    """
+    if setting != "auto":
+        return int(setting)
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
 
 
-@torch.no_grad()
-def plot_attention(model: DilatedAttentionNet, image: torch.Tensor, path: Path) -> None:
-    """CBAM's spatial map and the position attention of two query pixels, captured with hooks."""
-    captured = {}
-    hooks = [
-        model.cbam.spatial.register_forward_hook(lambda m, i, out: captured.update(spatial=out)),
-        model.position.register_forward_pre_hook(lambda m, i: captured.update(position_input=i[0])),
-    ]
-    model.eval()
-    labels = model(image[None]).argmax(1)[0]
-    for hook in hooks:
-        hook.remove()  # hooks stay until removed: do not leave them on a model you keep using
-    attention = model.position.attention_map(captured["position_input"])[0]  # (hw, hw)
-    h, w = captured["position_input"].shape[-2:]
-    # two query positions: the feature cell with the most "field" and one on a wire if there is one
-    small = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest-exact")
-    small = small[0, 0].long()  # (h, w)
-    queries = []
-    for cls in (1, 3, 0):
-        cells = torch.nonzero(small == cls)
-        if len(cells) and len(queries) < 2:
-            queries.append((cls, cells[len(cells) // 2].tolist()))
-    fig, axes = plt.subplots(1, 2 + len(queries), figsize=(3 * (2 + len(queries)), 3.2))
-    axes[0].imshow(image.permute(1, 2, 0).numpy())
-    axes[0].set_title("image", fontsize=9)
-    axes[1].imshow(captured["spatial"][0, 0].numpy(), cmap="viridis")
-    axes[1].set_title("CBAM spatial attention", fontsize=9)
-    for ax, (cls, (qy, qx)) in zip(axes[2:], queries):
-        ax.imshow(attention[qy * w + qx].view(h, w).numpy(), cmap="magma")  # row = one query pixel
-        ax.plot(qx, qy, "c+", markersize=12)
-        ax.set_title(
-            f"position attention of a {CLASS_NAMES[cls]} pixel (+)\n"
-            f"gamma = {model.position.gamma.item():.2f}",
-            fontsize=9,
-        )
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch so that a run can be repeated exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA and MPS
 
 
-def plot_ablation(rows: list[dict], path: Path) -> None:
-    """Horizontal bars: test mIoU and boundary F1 per row; grey = an inference step validation
-    dropped."""
-    names = [r["name"] for r in rows][::-1]
-    colours = ["tab:gray" if r.get("kept") is False else "tab:blue" for r in rows][::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.2), sharey=True)
-    for ax, key, label in zip(
-        axes, ("miou", "boundary"), ("test mIoU", f"test boundary F1 (tol {BOUNDARY_TOLERANCE} px)")
-    ):
-        values = [r[key] for r in rows][::-1]
-        ax.barh(names, values, color=colours)
-        ax.set_xlim(min(values) - 0.05, max(values) + 0.02)
-        for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
-        ax.set_title(label, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+def memory_format(device: torch.device) -> torch.memory_format:
+    """How image-like tensors are laid out in memory: channels-last on CUDA, the default elsewhere.
+
+    channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
+    order in which NVIDIA's tensor cores convolve fastest. On a CPU it brings no steady gain, so
+    there we keep the default layout (benchmarks/README.md has the measurements).
+    """
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-# ===============================================================================================
-# 10. Your own image: --predict
-# ===============================================================================================
-# The pipeline the ablation kept, on one picture: resize it to the training size (objects should
-# look as big as in training), (TTA) probabilities, back to the picture's size with size=, then
-# the dense CRF at full resolution and per-class morphology if validation kept them.
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (float16 matmuls, float32 where it matters); a no-op elsewhere.
+
+    CPUs gain little from it here, and older PyTorch builds have no autocast for Apple MPS.
+    """
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
-def predict_image(image_path: Path, device: torch.device) -> Path:
-    """Segment one image file with outputs/model.pt; write and return a side-by-side PNG."""
-    checkpoint_path = OUTPUT_DIR / "model.pt"
-    if not image_path.is_file():
-        raise SystemExit(f"error: no such image file: {image_path}")
-    if not checkpoint_path.is_file():
-        raise SystemExit(
-            f"error: no trained model at {checkpoint_path}; train one first: "
-            "python advanced_segmentation.py (a --quick run's model: --quick --predict)"
-        )
-    try:
-        with Image.open(image_path) as file:
-            photo = np.asarray(file.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-    except (UnidentifiedImageError, OSError):
-        raise SystemExit(f"error: {image_path} is not an image that Pillow can read") from None
-    model, state = load_model(checkpoint_path, device)
-    pixels = torch.from_numpy(photo).permute(2, 0, 1)  # (3, H, W)
-    size = state["image_size"]
-    small = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True)
-    pipeline = state["pipeline"]  # the inference steps that helped on validation
-    probs = tta_predict(
-        model,
-        small.to(device),
-        scales=pipeline["scales"],
-        flips=pipeline["flips"],
-        rot90=pipeline["rot90"],
-    )
-    probs = F.interpolate(
-        probs.cpu(), size=pixels.shape[-2:], mode="bilinear", align_corners=False
-    )[0]  # (C, H, W)
-    if pipeline["crf_params"] is not None:
-        probs = dense_crf(probs, pixels, pipeline["crf_params"])
-    labels = probs.argmax(0).numpy()
-    if pipeline["morphology"]:
-        labels = morphological_cleanup(labels)
-    out_path = OUTPUT_DIR / f"{image_path.stem}_segmentation.png"
-    side_by_side = np.concatenate([photo, colourize(labels).astype(np.float32)], axis=1)
-    Image.fromarray((side_by_side * 255).round().astype(np.uint8)).save(out_path)
-    shares = ", ".join(f"{name} {np.mean(labels == c):.1%}" for c, name in enumerate(CLASS_NAMES))
-    print(f"{shares}\nsegmentation written to {out_path}")
-    return out_path
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, trainable or frozen (weights and biases; buffers are not counted)."""
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
-# ===============================================================================================
-# 11. Putting it together
-# ===============================================================================================
+def print_eta(seconds_so_far: float, steps_done: int, steps_total: int) -> str:
+    """Print (and return) one line: the time left if the remaining steps run at the rate so far."""
+    minutes = seconds_so_far / max(steps_done, 1) * (steps_total - steps_done) / 60
+    shown = f"{minutes:.0f}" if minutes >= 1 else f"{minutes:.1f}"  # "4", or "0.3" when short
+    line = f"estimated time to the end of training: about {shown} min"
+    print(line)
+    return line
 
 
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: the file at `path` is always complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
+    torch.save(state, temporary)
     os.replace(temporary, path)
 
 
-def train_rows(rows: tuple, data: dict, seed: int, device: torch.device, folder: Path, prefix=""):
-    """Train each row from the same initial state; checkpoints folder/{prefix}row{i}.pt.
-
-    Returns (score rows, {name: training history}, [(best model, its checkpoint state)]).
-    """
-    results, histories, models = [], {}, []
-    for index, row in enumerate(rows):
-        row_start = time.perf_counter()
-        torch.manual_seed(seed)  # every row starts from the same random state
-        model = DilatedAttentionNet(**model_config(row["cbam"], row["position"]))
-        model = model.to(device, memory_format=memory_format(device))
-        print(f"[{index + 1}/{len(rows)}] {row['name']}: {count_parameters(model):,} parameters")
-        path = folder / f"{prefix}row{index}.pt"
-        histories[row["name"]] = fit(model, data, row, device, path, seed)
-        model, state = load_model(path, device)
-        test = data["test"]
-        scores = score_labels(
-            predict_logits(model, test["images"], device).argmax(1), test["masks"]
-        )
-        seconds = time.perf_counter() - row_start
-        results.append(
-            dict(name=row["name"], **scores, seconds=seconds, val_miou=state["val_miou"])
-        )
-        models.append((model, state))
-        print(
-            f"  test mIoU {scores['miou']:.4f} | boundary F1 {scores['boundary']:.4f} | "
-            f"{seconds:.0f} s"
-        )
-    return results, histories, models
+def jsonable(value):
+    """Plain JSON types: NaN -> None (null), numpy numbers -> float / int, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
-def summarise_seeds(per_seed: list[dict]) -> list[dict]:
-    """Mean and spread of every row over the seeds, and its change against its reference row
-    (training rows: the row named in "against"; inference rows: the pipeline it was added to)."""
-    against = {row["name"]: row["against"] for row in ABLATION_ROWS}
-    summary = []
-    for name in [row["name"] for row in per_seed[0]["rows"]]:
-        runs = [next(r for r in seed["rows"] if r["name"] == name) for seed in per_seed]
-        by_name = [{r["name"]: r for r in seed["rows"]} for seed in per_seed]
-        test = np.array([r["miou"] for r in runs])
-        if name in against:  # a training row
-            reference = against[name]
-            changes = None if reference is None else test - [s[reference]["miou"] for s in by_name]
-        else:  # an inference row
-            reference = "the pipeline before"
-            changes = test - [r["test_miou_before"] for r in runs]
-        spread = float(test.std(ddof=1)) if len(test) > 1 else 0.0  # sample standard deviation
-        summary.append(
-            dict(
-                name=name,
-                test_miou_mean=float(test.mean()),
-                test_miou_std=spread,
-                test_miou_per_seed=test.round(4).tolist(),
-                val_miou_mean=float(np.mean([r["val_miou"] for r in runs])),
-                boundary_mean=float(np.mean([r["boundary"] for r in runs])),
-                iou_per_class_mean={
-                    c: round(float(np.nanmean([r["iou_per_class"][c] for r in runs])), 4)
-                    for c in CLASS_NAMES
-                },
-                against=reference,
-                change_per_seed=None if changes is None else changes.round(4).tolist(),
-                same_sign_in_every_seed=(
-                    None if changes is None else bool((changes > 0).all() or (changes < 0).all())
-                ),
-                kept=None if name in against else sum(bool(r["kept"]) for r in runs),
-            )
-        )
-    return summary
-
-
-def seed_ablation(seeds: list[int], device: torch.device) -> dict:
-    """The full ablation (every row of ABLATION_ROWS, then the inference steps on the row that
-    validation prefers), once per seed; prints and returns mean, spread and changes per seed."""
-    start = time.perf_counter()
-    folder = OUTPUT_DIR / "seeds"
-    folder.mkdir(parents=True, exist_ok=True)
-    # An interrupted run resumes: each finished seed is saved with a fingerprint of this file and
-    # of its constants, and reused only while both are unchanged.
-    settings = {k: v for k, v in globals().items() if k.isupper() and k[0] != "_"}
-    settings.pop("OUTPUT_DIR")
-    fingerprint = hashlib.sha256(
-        Path(__file__).read_bytes() + repr(sorted(settings.items(), key=str)).encode()
-    ).hexdigest()
-    per_seed = []
-    for seed in seeds:
-        path = folder / f"seed{seed}.json"
-        if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
-            print(f"\n=== seed {seed}: done earlier with this code and settings, reused ===")
-            per_seed.append(json.loads(path.read_text()))
-            continue
-        print(f"\n=== seed {seed} ===")
-        seed_start = time.perf_counter()
-        seed_everything(seed)
-        data = make_datasets(seed)  # a new draw of the data, too
-        rows, _, models = train_rows(ABLATION_ROWS, data, seed, device, folder, f"seed{seed}_")
-        best = max(range(len(models)), key=lambda i: models[i][1]["val_miou"])
-        inference = inference_ablation(models[best][0], data, device)
-        per_seed.append(
-            dict(
-                seed=seed,
-                rows=rows + inference["rows"],
-                inference_model=rows[best]["name"],
-                seconds=round(time.perf_counter() - seed_start, 1),
-                threads=torch.get_num_threads(),
-                fingerprint=fingerprint,
-            )
-        )
-        write_json(per_seed[-1], path)
-    summary = summarise_seeds(per_seed)
-    print(f"\nablation over seeds {tuple(seeds)}: test mIoU mean +- standard deviation; change")
-    print("against the reference row in each seed; 'yes' when every seed agrees on its sign")
-    print(f"{'row':<36}{'test mIoU':>16}  {'change per seed':<24}{'agree':>6}  against")
-    for r in summary:
-        changes = r["change_per_seed"]
-        change_text = "" if changes is None else " ".join(f"{c:+.3f}" for c in changes)
-        agree = "" if changes is None else ("yes" if r["same_sign_in_every_seed"] else "no")
-        kept = "" if r["kept"] is None else f" (kept in {r['kept']}/{len(seeds)} seeds)"
-        print(
-            f"{r['name'][:35]:<36}{r['test_miou_mean']:>9.4f} +- {r['test_miou_std']:.3f}  "
-            f"{change_text:<24}{agree:>6}  {r['against'] or ''}{kept}"
-        )
-    total = time.perf_counter() - start
-    metrics = dict(
-        seeds=list(seeds),
-        summary=summary,
-        per_seed=per_seed,
-        total_seconds=round(total, 1),
-        device=str(device),
-    )
-    write_json(metrics, folder / "metrics.json")
-    timing = ", ".join(f"seed {r['seed']} {r['seconds']:.0f} s" for r in per_seed)
-    threads = sorted({r["threads"] for r in per_seed})
-    print(f"\ntotal {total:.0f} s this call | {timing}, {threads} thread(s) | {folder}")
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Run the ablation (or, with --predict, segment one image); returns the metrics written."""
-    parser = argparse.ArgumentParser(
-        description="Advanced segmentation techniques, measured in one ablation."
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny run (set-up check)")
-    parser.add_argument("--predict", metavar="IMAGE", type=Path, help="segment your own image")
-    parser.add_argument(
-        "--seeds",
-        metavar="SEED",
-        type=int,
-        nargs="+",
-        help="the full ablation (every row) once per seed, e.g. --seeds 0 1 2: mean and spread",
-    )
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: CPU_THREADS); 1 on a busy machine"
-    )
-    args = parser.parse_args(argv)
-    device = pick_device(DEVICE)
-    # cuDNN tries its convolution algorithms on the first batch of each shape and keeps the
-    # fastest: worth it when shapes repeat, as they do here (no effect on a CPU).
-    torch.backends.cudnn.benchmark = True
-    threads = args.threads or CPU_THREADS
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)
-    if args.quick:
-        # Replace the constants above for this run only, and keep its files in outputs/quick/
-        # so that a set-up check never overwrites the model or metrics of a real run.
-        globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
-    if args.predict is not None:  # `--quick --predict IMAGE` uses the quick run's model
-        return {"segmentation": str(predict_image(args.predict, device))}
-    if args.seeds:
-        return seed_ablation(args.seeds, device)
-
-    start = time.perf_counter()
-    seed_everything(SEED)
-    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
-    print(
-        f"device: {device} | {IMAGE_SIZE}x{IMAGE_SIZE} images, splits {SPLIT_SIZES} | "
-        f"outputs: {OUTPUT_DIR}"
-    )
-
-    # 1. data
-    data = make_datasets(SEED)
-    test = data["test"]
-    shares = ", ".join(f"{n} {f:.1%}" for n, f in zip(CLASS_NAMES, data["class_frequency"]))
-    print(f"class pixel shares (train): {shares}")
-
-    # 8. the ablation: four trained rows ...
-    rows, histories, models = train_rows(TRAINING_ROWS, data, SEED, device, OUTPUT_DIR)
-    # ... then the inference-time tricks, on top of the trained row that validation prefers (test
-    # scores must not choose it). That model becomes outputs/model.pt, the one --predict uses.
-    best = max(range(len(models)), key=lambda i: models[i][1]["val_miou"])
-    final, final_state = models[best]
-    print(
-        f"inference tricks on top of row {best + 1} ({TRAINING_ROWS[best]['name']}): "
-        f"best validation mIoU {final_state['val_miou']:.4f}"
-    )
-    inference = inference_ablation(final, data, device)
-    rows += inference["rows"]
-    crf_params = inference["crf"]["params"]
-    print(
-        f"CRF parameters chosen on validation: {crf_params} (val mIoU per candidate "
-        f"{np.round(inference['crf']['val_miou_per_candidate'], 4).tolist()})"
-    )
-    save_checkpoint(
-        dict(final_state, pipeline=inference["pipeline"], ablation_row=TRAINING_ROWS[best]["name"]),
-        OUTPUT_DIR / "model.pt",
-    )  # for --predict
-
-    print(f"\n{'ablation':<44}{'val mIoU':>9}{'test mIoU':>10}{'bound.F1':>9}{'seconds':>8}  kept")
-    for r in rows:
-        kept = "" if r.get("kept") is None else ("yes" if r["kept"] else "no: lower val mIoU")
-        print(
-            f"{r['name']:<44}{r['val_miou']:>9.4f}{r['miou']:>10.4f}{r['boundary']:>9.4f}"
-            f"{r['seconds']:>8.1f}  {kept}"
-        )
-    print("one seed: --seeds 0 1 2 repeats every row (and more rows) with three seeds")
-
-    # 2. receptive fields, 7. memory and export, 8. the CRF against its reference and the exact CRF
-    receptive = plot_receptive_fields(final, test["images"][0], OUTPUT_DIR / "receptive_field.png")
-    plain_rf = receptive["model without attention"]
-    print(
-        f"receptive field of the network: encoder {plain_rf['encoder_formula_px']} px, with the "
-        f"decoder {' or '.join(map(str, plain_rf['walked_px']))} px (walked along its layers; "
-        f"gradient: {' or '.join(map(str, plain_rf['measured_px']))} px); with attention: "
-        f"{'the whole image' if receptive['model with attention']['whole_image'] else '?'}"
-    )
-    memory = measure_checkpointing(
-        model_config(True, True),
-        data["train"]["images"][:BATCH_SIZE],
-        data["train"]["masks"][:BATCH_SIZE],
-        device,
-    )
-    print(
-        f"gradient checkpointing: saved activations {memory['plain']['saved_mb']:.1f} -> "
-        f"{memory['checkpointing']['saved_mb']:.1f} MB ({memory['memory_saved_fraction']:.0%} "
-        f"less), step time {memory['time_added_fraction']:+.0%}, BatchNorm updated "
-        f"{memory['checkpointing']['batchnorm_updates_per_step']} time(s) per step"
-    )
-    export = check_export(final, test["images"][:16], OUTPUT_DIR / "model.pt2")
-    if "error" in export:
-        print(
-            f"note: torch.export failed on PyTorch {torch.__version__}, export check skipped "
-            f"({export['error']})"
-        )
-    else:
-        print(
-            f"torch.export: max |eager - exported| {export['max_abs_diff']:.2e} (other size "
-            f"{export['max_abs_diff_other_size']:.2e})"
-        )
-    onnx = check_onnx(
-        final, test["images"][:16], OUTPUT_DIR / "model.onnx", OUTPUT_DIR / "model.pt2"
-    )
-    if "skipped" in onnx:
-        print(f"note: {onnx['skipped']}")
-    elif "error" in onnx:
-        print(f"note: ONNX export failed, ONNX check skipped ({onnx['error']})")
-    else:
-        print(
-            f"ONNX (onnxruntime {onnx['onnxruntime_version']}): max |eager - onnxruntime| "
-            f"{onnx['max_abs_diff']:.2e} (other size {onnx['max_abs_diff_other_size']:.2e})"
-        )
-    latency = onnx if "ms_per_image_onnxruntime" in onnx else export
-    print(
-        f"latency, one {IMAGE_SIZE}x{IMAGE_SIZE} image at a time on "
-        f"{torch.get_num_threads()} thread(s): "
-        + ", ".join(
-            f"{name} {latency[key]:.1f} ms"
-            for name, key in (
-                ("eager", "ms_per_image_eager"),
-                ("torch.export", "ms_per_image_exported"),
-                ("onnxruntime", "ms_per_image_onnxruntime"),
-            )
-            if key in latency
-        )
-    )
-    benchmark = benchmark_crf(SEED)
-    print(
-        f"CRF {benchmark['size']}: {benchmark['first_call_seconds']:.2f} s first call, "
-        f"{benchmark['cached_seconds']:.2f} s with the smoothness lattice cached "
-        "(C++ reference ~0.3 s)"
-    )
-    exact, exact_maps = compare_crf_exact(inference["test_probs"][0], test["images"][0], crf_params)
-    print(
-        f"lattice vs exact CRF on a {IMAGE_SIZE}x{IMAGE_SIZE} image: labels agree on "
-        f"{exact['label_agreement']:.2%} "
-        f"of pixels, mean |dQ| {exact['mean_abs_prob_diff']:.4f}"
-    )
-
-    # 9. figures
-    plot_label_panels(
-        [[test["images"][0], test["masks"][0], *exact_maps]],
-        ["image", "ground truth", "network (TTA)", "exact dense CRF", "lattice dense CRF"],
-        OUTPUT_DIR / "crf_exact_vs_lattice.png",
-    )
-    baseline_labels = predict_logits(models[0][0], test["images"][:4], device).argmax(1)
-    best_labels = predict_logits(final, test["images"][:4], device).argmax(1)
-    plot_label_panels(
-        [
-            [
-                test["images"][i],
-                test["masks"][i],
-                baseline_labels[i],
-                best_labels[i],
-                inference["test_labels"][i],
-            ]
-            for i in range(min(4, len(test["images"])))
-        ],
-        [
-            "image",
-            "ground truth",
-            "baseline",
-            f"row {best + 1} (best val)",
-            "+ kept inference steps",
-        ],
-        OUTPUT_DIR / "predictions.png",
-    )
-    plot_attention(models[1][0].cpu(), test["images"][0], OUTPUT_DIR / "attention_maps.png")
-    plot_ablation(rows, OUTPUT_DIR / "ablation.png")
-
-    total_seconds = time.perf_counter() - start
-    metrics = dict(
-        ablation=[
-            dict(
-                r,
-                miou=round(r["miou"], 4),
-                boundary=round(r["boundary"], 4),
-                seconds=round(r["seconds"], 1),
-                val_miou=round(r["val_miou"], 4),
-            )
-            for r in rows
-        ],
-        seconds_meaning=(
-            "training rows: training + test evaluation; "
-            "inference rows: that step over the whole test split"
-        ),
-        inference_pipeline=inference["pipeline"],
-        crf=dict(
-            params=crf_params,
-            candidates=list(CRF_CANDIDATES),
-            val_miou_per_candidate=inference["crf"]["val_miou_per_candidate"],
-            benchmark=benchmark,
-            exact_vs_lattice=exact,
-        ),
-        receptive_field=receptive,
-        gradient_checkpointing=memory,
-        export=export,
-        onnx=onnx,
-        class_frequency={n: float(f) for n, f in zip(CLASS_NAMES, data["class_frequency"])},
-        inference_model=TRAINING_ROWS[best]["name"],
-        histories=histories,
-        total_seconds=round(total_seconds, 1),
-        device=str(device),
-    )
-    write_json(metrics, OUTPUT_DIR / "metrics.json")
-    print(f"\ntotal {total_seconds:.0f} s | outputs in {OUTPUT_DIR}")
-    return metrics
+def write_json(data: dict, path: Path) -> None:
+    """Write JSON atomically (temporary file, then rename); NaN (undefined scores) becomes null."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False))
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

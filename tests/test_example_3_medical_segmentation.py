@@ -1,4 +1,4 @@
-"""Tests for Example 3 (medical segmentation): Dice, metrics, preprocessing, loaders, 3D, training."""
+"""Tests for Example 3 (medical segmentation): Dice, metrics, preprocessing, loaders, training."""
 
 import json
 
@@ -35,13 +35,13 @@ def one_cpu_thread():
 
 
 def logits_from_labels(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
-    """Saturated logits (1, K, H, W) whose softmax is the one-hot of labels (H, W), to float precision."""
+    """Saturated logits (1, K, H, W) whose softmax is the one-hot of labels (H, W), to rounding."""
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]  # (H, W, K)
     return torch.from_numpy(one_hot).permute(2, 0, 1)[None] * 40.0 - 20.0
 
 
 def dice_metric(pred: np.ndarray, truth: np.ndarray, num_classes: int = 2) -> np.ndarray:
-    return mod.scores_from_confusion(mod.confusion_matrix(pred, truth, num_classes))["dice"]
+    return mod.label_metrics(pred, truth, num_classes)["dice"]
 
 
 # --- Dice loss and Dice coefficient on hand cases ---------------------------------------------
@@ -72,7 +72,7 @@ def test_dice_coefficient_and_soft_dice_loss_on_hand_cases(isolated, pred, inter
 def test_empty_empty_rule_metric_nan_loss_zero_and_excluded_from_means(isolated):
     isolated(mod, DICE_SMOOTH=1.0)
     empty = np.zeros((4, 4), dtype=np.int64)
-    scores = mod.scores_from_confusion(mod.confusion_matrix(empty, empty, 2))
+    scores = mod.label_metrics(empty, empty, 2)
     assert np.isnan(scores["dice"][1]) and np.isnan(scores["iou"][1])  # 0 / 0: undefined
     assert scores["dice"][0] == 1.0  # background itself is perfect
     assert mod.soft_dice_loss(logits_from_labels(empty), torch.from_numpy(empty)[None]).item() == (
@@ -126,22 +126,24 @@ def test_sensitivity_specificity_precision_from_a_known_confusion():
     # 10 pixels: TP = 3, FN = 1, FP = 2, TN = 4 for class 1.
     truth = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     pred = np.array([1, 1, 1, 0, 1, 1, 0, 0, 0, 0])
-    confusion = mod.confusion_matrix(pred, truth, 2)
+    confusion = mod.confusion_matrix(torch.as_tensor(pred), torch.as_tensor(truth), 2)
     assert confusion.tolist() == [[4, 2], [1, 3]]  # rows = truth, columns = prediction
-    scores = mod.scores_from_confusion(confusion)
+    scores = mod.metrics_from_confusion(confusion)
     assert scores["sensitivity"][1] == pytest.approx(3 / 4)
     assert scores["specificity"][1] == pytest.approx(4 / 6)
     assert scores["precision"][1] == pytest.approx(3 / 5)
     assert scores["iou"][1] == pytest.approx(3 / 6)
     assert scores["dice"][1] == pytest.approx(6 / 9)
     # Ignored pixels change nothing.
-    assert (mod.confusion_matrix(np.append(pred, 1), np.append(truth, 255), 2) == confusion).all()
+    padded = [torch.as_tensor(np.append(pred, 1)), torch.as_tensor(np.append(truth, 255))]
+    assert (mod.confusion_matrix(*padded, 2) == confusion).all()
+    assert mod.label_metrics(pred, truth, 2)["dice"][1] == pytest.approx(6 / 9)  # NumPy in
 
 
 def test_three_class_scores_are_one_vs_rest():
     truth = np.array([0, 0, 1, 1, 2, 2])
     pred = np.array([0, 1, 1, 2, 2, 2])
-    scores = mod.scores_from_confusion(mod.confusion_matrix(pred, truth, 3))
+    scores = mod.label_metrics(pred, truth, 3)
     # class 2: TP = 2, FP = 1 (a true 1), FN = 0, TN = 3
     assert scores["sensitivity"][2] == pytest.approx(1.0)
     assert scores["precision"][2] == pytest.approx(2 / 3)
@@ -456,6 +458,36 @@ def test_a_short_training_run_learns(isolated):
     assert dice["organ"] > 0.8 and dice["lesion"] > 0.5  # ... and finds organ and lesions in 3D
 
 
+def test_model_size_is_counted_by_hand(isolated, capsys):
+    isolated(mod, BASE_CHANNELS=4, DEPTH=1)
+    # U-Net widths 4, 8 on 3 input channels, 3 classes (3x3 convolutions have no bias; BatchNorm
+    # has a weight and a bias per channel; the 2x2 transposed convolution and the 1x1 have biases)
+    inc = 3 * 4 * 9 + 2 * 4 + 4 * 4 * 9 + 2 * 4
+    down = 4 * 8 * 9 + 2 * 8 + 8 * 8 * 9 + 2 * 8
+    up = (8 * 4 * 4 + 4) + (8 * 4 * 9 + 2 * 4 + 4 * 4 * 9 + 2 * 4)
+    head = 4 * 3 + 3
+    assert mod.describe_model(3, mod.CT_CLASS_NAMES) == inc + down + up + head == 1759
+    assert "1,759 parameters" in capsys.readouterr().out
+
+
+def test_best_weights_keep_the_best_epoch_in_memory_and_on_disk(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    path = tmp_path / "run" / "best.pt"
+    best = mod.BestWeights(path, {"config": {"width": 2}})
+    assert best.update(model, 0.5, epoch=1)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training moves on, but validation gets worse
+    assert not best.update(model, 0.4, epoch=2) and best.waited == 1
+    assert all(torch.equal(best.state[k], first[k]) for k in first)  # epoch 1 is what is kept
+    saved = torch.load(path, weights_only=True)
+    assert saved["epoch"] == 1 and saved["val_score"] == 0.5 and saved["config"] == {"width": 2}
+    assert torch.equal(saved["model_state"]["weight"], first["weight"])
+    assert best.update(model, 0.6, epoch=3) and best.waited == 0
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]  # no temporary file left
+
+
 def test_main_quick_end_to_end_then_predict(isolated, tmp_path):
     isolated(mod, NUM_THREADS=1)
     script_outputs = mod.Path(mod.__file__).resolve().parent / "outputs"
@@ -622,8 +654,8 @@ def retina_standin(rng, height, width):
     rgb = np.stack([0.8 * base, 0.45 * base, 0.2 * base], axis=-1)  # reddish fundus
     rgb[vessels] *= np.array([0.75, 0.45, 0.6])  # vessels darker, most in green
     rgb = (rgb + rng.normal(0, 0.02, rgb.shape)) * fov[..., None]
-    to_u8 = lambda a: (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-    return to_u8(rgb), vessels.astype(np.uint8) * 255, fov.astype(np.uint8) * 255
+    rgb = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+    return rgb, vessels.astype(np.uint8) * 255, fov.astype(np.uint8) * 255
 
 
 def write_retinas(folder, sizes, seed=0, with_fov=True):
@@ -717,7 +749,7 @@ def test_fov_and_classes_errors_name_the_file(tmp_path, isolated):
 
 
 def test_patches_are_paired_biased_to_foreground_and_stay_in_the_field(isolated):
-    isolated(mod, PATCH_SIZE=16, COLOUR_JITTER=0.0)
+    isolated(mod, PATCH_SIZE=16, COLOR_JITTER=0.0)
     rng = np.random.default_rng(0)
     labels = np.zeros((40, 50), dtype=np.int64)
     labels[10:13, 5:45] = 1  # a thin horizontal vessel: 6% of the pixels
@@ -725,7 +757,7 @@ def test_patches_are_paired_biased_to_foreground_and_stay_in_the_field(isolated)
     fov[:, 46:] = False
     image = np.stack([labels.astype(np.float32), rng.normal(size=labels.shape).astype(np.float32)])
     photo = mod.Photo("p", image, np.where(fov, labels, mod.IGNORE_INDEX), fov, 40, 50)
-    isolated(mod, PATCH_SIZE=16, COLOUR_JITTER=0.0, PATCH_FOREGROUND=1.0)
+    isolated(mod, PATCH_SIZE=16, COLOR_JITTER=0.0, PATCH_FOREGROUND=1.0)
     sampler = mod.PatchSampler([photo], seed=0)
     seen = set()
     for _ in range(64):
@@ -736,7 +768,7 @@ def test_patches_are_paired_biased_to_foreground_and_stay_in_the_field(isolated)
         assert patch_labels.shape == (16, 16) and (patch_labels == 1).any()  # always on a vessel
         seen.add("horizontal" if (patch_labels == 1).all(axis=1).any() else "vertical")
     assert seen == {"horizontal", "vertical"}  # quarter turns happen
-    isolated(mod, PATCH_SIZE=16, COLOUR_JITTER=0.0, PATCH_FOREGROUND=0.0)
+    isolated(mod, PATCH_SIZE=16, COLOR_JITTER=0.0, PATCH_FOREGROUND=0.0)
     sampler = mod.PatchSampler([photo], seed=0)
     hits = np.mean([(sampler.patch()[1] == 1).any() for _ in range(200)])
     assert hits < 0.9  # without the bias many patches miss the vessel
@@ -850,7 +882,7 @@ def test_warn_if_collapsed_says_so_in_one_line(capsys):
     assert line.startswith("Warning: the model predicts only 'background' everywhere")
     assert "0/255" in line and "optimizer steps" in line and "\n" not in line
     assert mod.warn_if_collapsed([900, 100], 0.0, names).startswith(
-        "Warning: the validation Dice stayed 0"
+        "Warning: the validation score stayed at 0"
     )
     assert mod.warn_if_collapsed([900, 100], 0.5, names) is None
     assert capsys.readouterr().out.count("Warning:") == 2

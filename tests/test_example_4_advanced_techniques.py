@@ -409,10 +409,25 @@ def test_iou_nan_rule_and_mean(mod):
     # class 2 is absent from prediction and truth: NaN, left out of the mean
     pred = torch.tensor([0, 0, 1, 1])
     target = torch.tensor([0, 1, 1, 255])
-    iou = mod.iou_from_confusion(mod.confusion_matrix(pred, target, 3))
+    metrics = mod.metrics_from_confusion(mod.confusion_matrix(pred, target, 3))
+    iou = metrics["iou"]
     assert iou[0].item() == pytest.approx(1 / 2) and iou[1].item() == pytest.approx(1 / 2)
     assert math.isnan(iou[2].item())
-    assert torch.nanmean(iou).item() == pytest.approx(0.5)
+    assert metrics["miou"] == pytest.approx(0.5)
+
+
+def test_gridding_report_counts_the_holes_of_each_dilation_schedule(mod, capsys):
+    results = mod.gridding_report()
+    assert {name: r["formula"] for name, r in results.items()} == {
+        "rates 1,1,1": 7,  # 1 + 3 * 2
+        "rates 2,2,2 (gridding)": 13,  # 1 + 3 * 4
+        "rates 1,2,5 (hybrid)": 17,  # 1 + 2 * (1 + 2 + 5)
+    }
+    assert all(r["measured"] == r["formula"] for r in results.values())
+    # rates 2, 2, 2 reach only even offsets: of the 13 x 13 square, 13^2 - 7^2 = 120 pixels
+    assert results["rates 2,2,2 (gridding)"]["holes_inside_rf"] == 13**2 - 7**2
+    assert results["rates 1,2,5 (hybrid)"]["holes_inside_rf"] == 0
+    assert "120 holes" in capsys.readouterr().out
 
 
 def test_boundary_f1(mod, isolated):
@@ -650,7 +665,7 @@ def test_each_ablation_claim_has_its_own_row(mod, isolated):
     ]
 
 
-def test_summarise_seeds_hand_case(mod):
+def test_summarize_seeds_hand_case(mod):
     def seed(base, cbam, tta, before):
         return dict(rows=[
             dict(name="baseline", miou=base, val_miou=base, boundary=0.5,
@@ -662,7 +677,7 @@ def test_summarise_seeds_hand_case(mod):
                  test_miou_before=before),
         ])  # fmt: skip
 
-    summary = mod.summarise_seeds(
+    summary = mod.summarize_seeds(
         [seed(0.50, 0.55, 0.60, 0.55), seed(0.40, 0.38, 0.42, 0.40), seed(0.60, 0.66, 0.61, 0.66)]
     )
     base, cbam, tta = summary
