@@ -2,8 +2,8 @@
 
 What you will learn
 -------------------
-- How an ImageNet classifier (ResNet-18/34/50, VGG-16-BN from torchvision) becomes the *encoder* of
-  a segmentation network: features taken at strides 4, 8, 16 and 32 with torchvision's
+- How an ImageNet classifier (ResNet-18/34/50, VGG-16-BN from torchvision) becomes the *encoder*
+  of a segmentation network: features taken at strides 4, 8, 16 and 32 with torchvision's
   feature-extraction utilities, normalization constants read from the weights' own metadata.
 - Two decoders written from scratch: DeepLabV3 (atrous convolutions, ASPP, output stride) and a
   Feature Pyramid Network with a simplified semantic head in the spirit of Panoptic FPN's;
@@ -16,34 +16,34 @@ What you will learn
   ignore label, flips) written with `torchvision.transforms.v2`; evaluated at full resolution.
 - The metrics the field reports (per-class IoU, mIoU, pixel accuracy, mean class accuracy) from
   one confusion matrix; the model chosen on validation, the test split touched once.
-- Scaling out with `torchrun`: DistributedDataParallel, all-reduced metrics.
+- Scaling out with `torchrun`: DistributedDataParallel, all-reduced metrics (an appendix).
 
 How to run (from this folder)
 -----------------------------
-    python pretrained_segmentation.py                      # DeepLabV3 vs FPN on the built-in set
-    python pretrained_segmentation.py --quick              # tiny set-up check, into outputs/quick/
-    python pretrained_segmentation.py --predict my_image.png   # segment your own image with the best model
-    torchrun --nproc_per_node=2 pretrained_segmentation.py # the same training in 2 processes (DDP)
+    python pretrained_segmentation.py                     # DeepLabV3 vs FPN on the built-in set
+    python pretrained_segmentation.py --quick             # tiny set-up check, into outputs/quick/
+    python pretrained_segmentation.py --predict my.png    # segment your image with the best model
+    torchrun --nproc_per_node=2 pretrained_segmentation.py  # the same training in 2 processes
 Your own photos: set DATASET = "folder" and DATA_ROOT below (README: "Your own data").
 
 What is read and downloaded: DATASET = "voc" (the default) reads a VOC-format folder under
-DATA_ROOT (data/ beside this file); when there is none it downloads nothing (DOWNLOAD_VOC = False),
-says so in one line and uses the built-in synthetic VOC-like set, which needs no files; with
-DOWNLOAD_VOC = True it first downloads VOC 2012 trainval (2 GB) into DATA_ROOT/VOCdevkit.
+DATA_ROOT (data/ beside this file); when there is none it downloads nothing (DOWNLOAD_VOC =
+False), says so in one line and uses the built-in synthetic VOC-like set, which needs no files;
+with DOWNLOAD_VOC = True it first downloads VOC 2012 trainval (2 GB) into DATA_ROOT/VOCdevkit.
 DATASET = "folder" reads DATA_ROOT/images + DATA_ROOT/masks (or DATA_ROOT/train|val|test/...).
 PRETRAINED = True tries to download torchvision's ImageNet weights for the encoder (about 45 MB
-for ResNet-18, into torch's cache, ~/.cache/torch); offline it says so in one line and the encoder
-starts from random weights. PRETRAINED_WEIGHTS = a local file reads that file instead.
+for ResNet-18, into torch's cache, ~/.cache/torch); offline it says so in one line and the
+encoder starts from random weights. PRETRAINED_WEIGHTS = a local file reads that file instead.
 
 What you should see
 -------------------
 The default run (`python pretrained_segmentation.py`; offline: no VOC in data/, so the synthetic
-set, both encoders from random weights) on a 2-core CPU (matmul ceiling 271-321 GFLOP/s) took 215 s
-in total and ended with (the best model is chosen on validation; the test split only reports):
+set, both encoders from random weights) on a 2-core CPU took 233 s in total and
+ended with (the best model is chosen on validation; the test split only reports):
 
     model                         params  train s  val mIoU  test mIoU  MS+flip  pix acc  ceiling
-    deeplabv3_resnet18_scratch     13.3M      103     0.494      0.474    0.481    0.902    0.520
-    fpn_resnet18_scratch           12.5M       98     0.874      0.892    0.899    0.985    0.995
+    deeplabv3_resnet18_scratch     13.3M      106     0.494      0.474    0.481    0.902    0.520
+    fpn_resnet18_scratch           12.5M      109     0.874      0.892    0.899    0.985    0.995
 
 "ceiling" is the test mIoU of the true labels squeezed through the model's output stride: on
 64-px images DeepLabV3's stride-16 map is 4 x 4, and even perfect logits on it score 0.520, so
@@ -51,9 +51,8 @@ DeepLabV3 is within 5 points of what its output stride allows; FPN predicts at s
 
 Real photos, DATASET = "folder" on Stanford Background (715 outdoor photos of ~320 x 240, 8
 classes, seeded 501/107/107 split), default settings, encoder from random weights:
-val mIoU 0.478, test mIoU 0.461 (0.462 with flips), pixel accuracy 0.701, in 393 s on a 2-core
-CPU (matmul ceiling 259-319 GFLOP/s). Timed on a 360 x 480 stand-in (367/101/233 photos): about 8 min here.
-On a CPU that other programs keep busy, `OMP_NUM_THREADS=1 python ...` can be much faster.
+val mIoU 0.478, test mIoU 0.461 (0.462 with flips), pixel accuracy 0.701, in 409 s on a
+2-core CPU.
 
 References
 ----------
@@ -61,24 +60,29 @@ References
   https://arxiv.org/abs/1706.05587
 - Chen et al., "Encoder-Decoder with Atrous Separable Convolution" (DeepLabV3+), 2018.
   https://arxiv.org/abs/1802.02611
-- Lin et al., "Feature Pyramid Networks for Object Detection", 2017. https://arxiv.org/abs/1612.03144
+- Lin et al., "Feature Pyramid Networks for Object Detection", 2017.
+  https://arxiv.org/abs/1612.03144
 - Kirillov et al., "Panoptic Feature Pyramid Networks" (whose semantic branch our head
   simplifies), 2019. https://arxiv.org/abs/1901.02446
-- Everingham et al., "The PASCAL Visual Object Classes Challenge", 2010. http://host.robots.ox.ac.uk/pascal/VOC/
+- Everingham et al., "The PASCAL Visual Object Classes Challenge", 2010.
+  http://host.robots.ox.ac.uk/pascal/VOC/
 - Gould et al., "Decomposing a Scene into Geometric and Semantically Consistent Regions" (the
   Stanford Background dataset), ICCV 2009.
 - torchvision models and weights: https://pytorch.org/vision/stable/models.html
 - torchvision feature extraction: https://pytorch.org/vision/stable/feature_extraction.html
 - torchvision transforms v2: https://pytorch.org/vision/stable/transforms.html
-- torchvision segmentation reference recipe: https://github.com/pytorch/vision/tree/main/references/segmentation
+- torchvision segmentation reference recipe:
+  https://github.com/pytorch/vision/tree/main/references/segmentation
 - PyTorch DDP tutorial: https://pytorch.org/tutorials/intermediate/ddp_tutorial.html
 """
 
 import argparse
 import colorsys
+import contextlib
 import json
 import math
 import os
+import random
 import time
 import urllib.error
 from pathlib import Path
@@ -101,36 +105,57 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------
+# %% Settings
+# ===============================================================================================
+# Edit these: the knobs you will want to turn, then run again.
 # data
-DATA_ROOT = Path(__file__).resolve().parent / "data"  # where "voc" and "folder" look for data
 DATASET = "voc"  # "voc": a VOC-format folder (else synthetic, with a note); "folder"; "synthetic"
+DATA_ROOT = Path(__file__).resolve().parent / "data"  # where "voc" and "folder" look for data
 DOWNLOAD_VOC = False  # True: fetch VOC 2012 trainval (2 GB) into DATA_ROOT when it is missing
+IMAGE_SIZE = 64  # synthetic image and training crop size (px)
+
+# model
+RUNS = (("deeplabv3", "resnet18"), ("fpn", "resnet18"))  # (decoder, encoder) pairs to compare
+PRETRAINED = True  # start the encoder from ImageNet weights (random init, with a note, if offline)
+PRETRAINED_WEIGHTS = None  # or a path to a local state-dict file for the encoder (no download)
+OUTPUT_STRIDE = 16  # DeepLab encoders: 16 or 8 (sharper, ~3x the compute of 16); FPN: always 32
+DECODER_CHANNELS = 128  # width of ASPP / FPN; the papers use 256, 128 is kinder to a CPU
+
+# training on the synthetic set (counted in passes over its 1,200 training images)
+EPOCHS = 5  # passes over the training split, validation after each
+BATCH_SIZE = 16  # images per step and per process
+LR = 3e-3  # AdamW learning rate of the decoder (a few-minute run; SGD 0.01 is the long-run recipe)
+
+# training on real photos (DATASET "voc" or "folder"): counted in optimizer steps, so a folder of
+# 20 images trains as long as one of 2,000, and the time depends on these numbers, not the data
+REAL_RUNS = (("fpn", "resnet18"),)  # one model: the architecture comparison is the synthetic one's
+REAL_SHORT_SIDE = 180  # the network sees images with this shorter side (None: native size);
+#                        predictions are resized back and scored against the full-size masks
+CROP_SIZE = 176  # training crops (px), cut after the random resize, padded with 255 if needed
+REAL_STEPS = 600  # optimizer steps in all (poly decay to zero at the last one)
+
+# system
+DEVICE = "auto"  # "auto" = CUDA, then Apple MPS, then CPU; or "cuda", "mps", "cpu"
+SEED = 0  # same seed, same data, same initial weights, same numbers
+# -----------------------------------------------------------------------------------------------
+# Advanced settings: defaults that rarely need a change.
+# data
 VAL_FRACTION = 0.1  # share of a train split held out for validation (VOC: its val = our test)
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # "folder" without official splits: seeded train/val/test
 SYNTHETIC_SPLIT_SIZES = (1200, 100, 200)  # train, val, test images of the synthetic dataset
 MAX_IMAGES_PER_SPLIT = None  # cap every split (--quick uses it); None = the whole split
-IMAGE_SIZE = 64  # synthetic image and training crop size (px)
 SCALE_RANGE = (0.75, 1.25)  # synthetic: random rescale before the crop, objects at several sizes
 JITTER = 0.1  # synthetic: photometric jitter (brightness, contrast, saturation); 0 turns it off
 NUM_CLASSES = 21  # VOC and synthetic: background + 20 objects ("folder": from classes.txt/masks)
 IGNORE_INDEX = 255  # VOC's label for object outlines and padding: no loss, no metric
 
 # model
-RUNS = (("deeplabv3", "resnet18"), ("fpn", "resnet18"))  # (decoder, encoder) pairs to compare
-PRETRAINED = True  # start the encoder from ImageNet weights (random init, with a note, if offline)
-PRETRAINED_WEIGHTS = None  # or a path to a local state-dict file for the encoder (no download)
 COMPARE_SCRATCH = True  # when ImageNet weights load, also train each run from scratch to compare
-OUTPUT_STRIDE = 16  # DeepLab encoders: 16 or 8 (sharper, ~3x the compute of 16); FPN always uses 32
 ASPP_RATES = "auto"  # "auto": fitted to the training crop's feature map; or e.g. (6, 12, 18)
-DECODER_CHANNELS = 128  # width of ASPP / FPN; the papers use 256, 128 is kinder to a CPU
 DROPOUT = 0.1  # after the ASPP projection; torchvision uses 0.5 for long GPU runs
 
-# training on the synthetic set (counted in passes over its 1,200 training images)
-EPOCHS = 5  # passes over the training split, validation after each
+# training on the synthetic set
 WARMUP_EPOCHS = 1  # with pretrained weights only: decoder-only passes, encoder frozen
-BATCH_SIZE = 16  # images per step and per process
-LR = 3e-3  # AdamW learning rate of the decoder (a few-minute run; SGD 0.01 is the long-run recipe)
 ENCODER_LR_FACTOR = 0.1  # pretrained encoder learns 10x slower; from scratch it gets the full LR
 WEIGHT_DECAY = 1e-4  # mild L2 regularization, as in the DeepLab recipes
 POLY_POWER = 0.9  # poly decay: lr * (1 - step / total_steps) ** 0.9
@@ -139,23 +164,15 @@ EVAL_SCALES = (0.75, 1.0, 1.25)  # multi-scale test-time inference (1.0 alone = 
 EVAL_FLIP = True  # also average over horizontal flips at test time
 PREDICT_MAX_SIDE = 512  # --predict shrinks larger photos to this longer side (memory)
 
-# training on real photos (DATASET "voc" or "folder"): counted in optimizer steps, so a folder of
-# 20 images trains as long as one of 2,000, and the time depends on these numbers, not the data
-REAL_RUNS = (("fpn", "resnet18"),)  # one model: the architecture comparison is the synthetic one's
-REAL_SHORT_SIDE = 180  # the network sees images with this shorter side (None: native size);
-#                        predictions are resized back and scored against the full-size masks
-CROP_SIZE = 176  # training crops (px), cut after the random resize, padded with 255 if needed
+# training on real photos
 REAL_SCALE_RANGE = (0.5, 2.0)  # random resize of the shorter side, x REAL_SHORT_SIDE (reference)
 REAL_BATCH_SIZE = 8  # crops per step and per process (a 1-image folder gives 8 different crops)
-REAL_STEPS = 600  # optimizer steps in all (poly decay to zero at the last one)
 REAL_VAL_EVERY = 150  # validate (and keep the best weights) every this many steps
 REAL_LR = 3e-3  # AdamW, decoder (and a random encoder); a pretrained encoder x ENCODER_LR_FACTOR
 REAL_EVAL_SCALES = (1.0,)  # test-time scales on photos (x REAL_SHORT_SIDE); flips: EVAL_FLIP
 CLASS_WEIGHTING = "sqrt"  # photos: loss weight ~ 1/sqrt(class pixel share) of the train masks; None
 
 # system
-SEED = 0  # same seed, same data, same initial weights, same numbers
-DEVICE = "auto"  # "auto" = CUDA, then Apple MPS, then CPU; or "cuda", "mps", "cpu"
 NUM_WORKERS = "auto"  # "auto": 0 on a CPU-only machine, min(8, cores - 1) with CUDA (JPEG decoding)
 OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
 
@@ -174,89 +191,11 @@ QUICK = dict(
     REAL_SHORT_SIDE=64,
     CROP_SIZE=48,
 )
-# ----------------------------------------------------------------------------------------------
-
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# -----------------------------------------------------------------------------------------------
 
 
-# ==============================================================================================
-# 0. Distributed helpers
-# ==============================================================================================
-# `torchrun --nproc_per_node=N script.py` starts N copies of this script and tells each one its
-# RANK (0..N-1) and the WORLD_SIZE through environment variables. Every copy trains on its own
-# slice of the data; DistributedDataParallel averages the gradients after each backward pass so
-# all copies keep identical weights. Plain `python script.py` has no WORLD_SIZE: one process, and
-# every helper below turns into a no-op.
-
-
-def setup_distributed() -> tuple[int, int]:
-    """Join the process group that torchrun describes; return (rank, world_size), (0, 1) alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1
-    use_cuda = torch.cuda.is_available() and DEVICE in ("auto", "cuda")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process
-    # gloo runs collectives on CPU tensors, nccl on CUDA tensors
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or without torchrun): only it prints, saves and plots."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def log(message: str) -> None:
-    """Print on rank 0 only, so N processes do not print every line N times."""
-    if is_main_process():
-        print(message, flush=True)
-
-
-def pick_device() -> torch.device:
-    """Resolve DEVICE: "auto" = CUDA (this process's GPU under torchrun), then MPS, then CPU."""
-    if DEVICE != "auto":
-        return torch.device(DEVICE)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if torch.backends.mps.is_available() and not dist.is_initialized():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """How image-like tensors are laid out in memory: channels-last on CUDA, the default elsewhere.
-
-    channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
-    order in which NVIDIA's tensor cores convolve fastest, above all in mixed precision (on an
-    H200 our training steps were 13-25% faster in it). On a 2-core CPU a ResNet-18 training step
-    changed by -12% to +9% from run to run, so there we keep the default layout.
-    benchmarks/benchmark.py measures both layouts.
-    """
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-
-def pick_num_workers(setting) -> int:
-    """DataLoader worker processes: "auto" = 0 on a CPU-only machine, min(8, cores - 1) with CUDA.
-
-    On a CPU the workers would compete with the model for the same cores; a GPU finishes a batch
-    faster than one process decodes the next one's JPEGs, so there the workers pay off.
-    """
-    if setting != "auto":
-        return int(setting)
-    if not torch.cuda.is_available():
-        return 0
-    return max(1, min(8, (os.cpu_count() or 1) - 1))
-
-
-# ==============================================================================================
-# 1. Data
-# ==============================================================================================
+# %% 1. Data: VOC, your own folders, and a synthetic stand-in
+# ===============================================================================================
 # Label maps are stored as PNGs whose pixel values are class indices (0, 1, 2, ...). PASCAL VOC
 # uses *palette* PNGs: the values are the indices and a colour table (the official palette) only
 # decides how they look. Reading such a PNG with PIL and np.array gives the indices directly -
@@ -280,6 +219,14 @@ def pick_num_workers(setting) -> int:
 # a crop padded with 255, a horizontal flip. Evaluation sees the whole image, unaugmented.
 
 
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
 def voc_palette() -> np.ndarray:
     """The official VOC colour table (256 x 3 uint8): bits of the index spread over R, G, B."""
     palette = np.zeros((256, 3), dtype=np.uint8)
@@ -297,8 +244,6 @@ def voc_palette() -> np.ndarray:
 def colorize(mask: np.ndarray) -> np.ndarray:
     """Class-index mask H x W -> RGB image H x W x 3 in the VOC palette (255 = cream outline)."""
     return voc_palette()[mask]
-
-
 
 
 def pad_to(
@@ -334,8 +279,8 @@ def train_transform(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 def real_train_transform(image: torch.Tensor, mask: torch.Tensor):
     """Photos, torchvision's reference recipe: resize 0.5-2.0 x base -> crop (pad 255) -> flip.
 
-    The image may come as uint8 (resizing bytes is ~2x faster than floats) or float in [0, 1];
-    it leaves as float32 in [0, 1]. ImageNet normalization happens inside the model.
+    The image may come as uint8 (resized as bytes, which is cheaper) or float in [0, 1]; it
+    leaves as float32 in [0, 1]. ImageNet normalization happens inside the model.
     """
     base = REAL_SHORT_SIDE or min(image.shape[-2:])  # None: the image's own shorter side
     low, high = (max(1, round(base * s)) for s in REAL_SCALE_RANGE)
@@ -456,7 +401,8 @@ def shape_mask(kind: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.nda
         return (u**2 + v**2 <= radius**2) & (u**2 + v**2 >= (0.55 * radius) ** 2)
     if kind == "cross":
         bar = 0.35 * radius
-        return ((np.abs(u) <= bar) & (np.abs(v) <= radius)) | ((np.abs(v) <= bar) & (np.abs(u) <= radius))
+        along, across = np.abs(u), np.abs(v)
+        return ((along <= bar) & (across <= radius)) | ((across <= bar) & (along <= radius))
     return (u / radius) ** 2 + (v / (0.55 * radius)) ** 2 <= 1.0  # ellipse
 
 
@@ -542,7 +488,6 @@ class SyntheticVOC(Dataset):
         image_t = torch.from_numpy(image).permute(2, 0, 1).contiguous()  # H x W x 3 -> 3 x H x W
         mask_t = torch.from_numpy(labels)
         return self.transform(image_t, mask_t) if self.transform else (image_t, mask_t)
-
 
 
 def cap(dataset: Dataset) -> Dataset:
@@ -751,7 +696,7 @@ def load_datasets() -> tuple[dict[str, Dataset], dict]:
     return {name: cap(data) for name, data in datasets.items()}, info
 
 
-def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]):
     """Stack images of different sizes by padding to the largest: image 0, mask 255."""
     height = max(image.shape[1] for image, _ in batch)
     width = max(image.shape[2] for image, _ in batch)
@@ -800,29 +745,12 @@ class EndlessSampler(Sampler):
             epoch += 1
 
 
-class ShardSampler(Sampler):
-    """Evaluation sampler: process `rank` of `world` reads items rank, rank + world, ...
-
-    Unlike DistributedSampler it never pads the split with repeated items, so the summed
-    confusion matrices of all processes count every pixel exactly once.
-    """
-
-    def __init__(self, length: int, rank: int, world: int):
-        self.indices = list(range(rank, length, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def make_loader(
     dataset: Dataset, train: bool, rank: int = 0, world: int = 1, batch_size: int | None = None
 ) -> DataLoader:
     """Training loader (endless, full batches) or evaluation loader (the split once, in order).
 
-    Evaluation batches are never padded (see eval_collate); main() evaluates photos one at a time.
+    Evaluation batches are never padded (see eval_collate); photos are evaluated one at a time.
     """
     if len(dataset) == 0:
         raise SystemExit("error: a split is empty; nothing to train or evaluate on")
@@ -838,9 +766,8 @@ def make_loader(
     )
 
 
-# ==============================================================================================
-# 2. Model: pretrained encoder + DeepLabV3 / DeepLabV3+ / FPN decoder
-# ==============================================================================================
+# %% 2. Model: pretrained encoder + DeepLabV3 / DeepLabV3+ / FPN decoder
+# ===============================================================================================
 # An ImageNet classifier already knows edges, textures and object parts; we keep its convolutional
 # body and throw away its classifier. torchvision's `create_feature_extractor` rewrites the model
 # so that it returns the activations of named layers: for a ResNet, layer1..layer4 at strides
@@ -869,13 +796,13 @@ def dilate_stage(stage: nn.Module, dilation: int) -> None:
     """Make one ResNet stage keep its input resolution: stride 2 -> 1, 3x3 convs dilated."""
     for module in stage.modules():
         if isinstance(module, nn.Conv2d):
-            module.stride = (1, 1)  # the stage's first conv and its 1x1 shortcut no longer downsample
+            module.stride = (1, 1)  # the first conv and the 1x1 shortcut no longer downsample
             if module.kernel_size == (3, 3):
                 module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
 
 
 def dilate_vgg(features: nn.Sequential, output_stride: int) -> None:
-    """DeepLab-v1 style: pools past output_stride keep the size (3x3, stride 1), later convs dilate."""
+    """DeepLab-v1: pools past output_stride keep the size (3x3, stride 1); later convs dilate."""
     stride, dilation = 1, 1
     for index, module in enumerate(features):
         if isinstance(module, nn.MaxPool2d):
@@ -888,9 +815,8 @@ def dilate_vgg(features: nn.Sequential, output_stride: int) -> None:
             module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
 
 
-
 def load_pretrained(model: nn.Module, name: str) -> bool:
-    """Load ImageNet (or PRETRAINED_WEIGHTS) weights into a torchvision classifier; True if loaded."""
+    """Load ImageNet (or PRETRAINED_WEIGHTS) weights into a torchvision classifier; True: loaded."""
     if PRETRAINED_WEIGHTS is not None:
         path = Path(PRETRAINED_WEIGHTS)
         if not path.is_file():
@@ -907,7 +833,8 @@ def load_pretrained(model: nn.Module, name: str) -> bool:
             raise SystemExit(f"error: PRETRAINED_WEIGHTS {path} holds a {type(state).__name__}, "
                              "not a state dict")
         mine = model.state_dict()
-        missing = [key for key in mine if key not in state and not key.startswith(("fc.", "classifier."))]
+        head = ("fc.", "classifier.")  # the ImageNet classifier: not part of the encoder
+        missing = [key for key in mine if key not in state and not key.startswith(head)]
         unexpected = [key for key in state if key not in mine]
         wrong = [key for key in state if key in mine and state[key].shape != mine[key].shape]
         if missing or unexpected or wrong:
@@ -924,10 +851,10 @@ def load_pretrained(model: nn.Module, name: str) -> bool:
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         log(
             f"note: could not fetch ImageNet weights {weights} ({type(error).__name__}: {error}); "
-            "training the encoder from random initialization (set PRETRAINED_WEIGHTS to a local file)"
+            "training the encoder from random initialization (set PRETRAINED_WEIGHTS to a local "
+            "file)"
         )
         return False
-
 
 
 def build_encoder(name: str, output_stride: int, pretrained: bool):
@@ -939,7 +866,9 @@ def build_encoder(name: str, output_stride: int, pretrained: bool):
     if name.startswith("resnet"):
         dilate = [False, output_stride <= 8, output_stride <= 16]  # for layer2, layer3, layer4
         if name in ("resnet50", "resnet101", "resnet152"):
-            model = torchvision.models.get_model(name, weights=None, replace_stride_with_dilation=dilate)
+            model = torchvision.models.get_model(
+                name, weights=None, replace_stride_with_dilation=dilate
+            )
         else:
             model = torchvision.models.get_model(name, weights=None)
             # BasicBlock cannot take replace_stride_with_dilation: dilate by hand
@@ -962,25 +891,29 @@ def build_encoder(name: str, output_stride: int, pretrained: bool):
         }
         dilate_vgg(model.features, output_stride)
     else:
-        raise SystemExit(f"error: unknown encoder {name!r} (resnet18, resnet34, resnet50, vgg16_bn)")
+        raise SystemExit(
+            f"error: unknown encoder {name!r} (resnet18, resnet34, resnet50, vgg16_bn)"
+        )
     loaded = pretrained and load_pretrained(model, name)
     extractor = create_feature_extractor(model, return_nodes=nodes)
     extractor.eval()
     with torch.no_grad():  # one small forward pass tells us each level's channel count
-        channels = {key: value.shape[1] for key, value in extractor(torch.zeros(1, 3, 64, 64)).items()}
+        features = extractor(torch.zeros(1, 3, 64, 64))
+        channels = {key: value.shape[1] for key, value in features.items()}
     transform = encoder_weights(name).transforms()  # ImageNet statistics from the weights' metadata
     return extractor, channels, transform.mean, transform.std, loaded
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, dilation: int = 1):
     """Conv (no bias: BatchNorm has one) -> BatchNorm -> ReLU, spatial size kept."""
     padding = dilation * (kernel // 2)
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, padding=padding, dilation=dilation, bias=False),
+        nn.Conv2d(
+            in_channels, out_channels, kernel, padding=padding, dilation=dilation, bias=False
+        ),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
-
 
 
 # ASPP (Atrous Spatial Pyramid Pooling) looks at the deepest feature map with several receptive
@@ -1017,8 +950,12 @@ class ASPP(nn.Module):
             + [conv_bn_relu(in_channels, channels, kernel=3, dilation=rate) for rate in rates]
         )
         # Gotcha: BatchNorm on a 1x1 map needs > 1 value per channel in training mode: batch >= 2
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, channels, kernel=1))
-        self.project = nn.Sequential(conv_bn_relu(5 * channels, channels, kernel=1), nn.Dropout(DROPOUT))
+        self.pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, channels, kernel=1)
+        )
+        self.project = nn.Sequential(
+            conv_bn_relu(5 * channels, channels, kernel=1), nn.Dropout(DROPOUT)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self.checked:  # once, on the first training batch
@@ -1026,7 +963,8 @@ class ASPP(nn.Module):
             warn_if_rates_too_large(self.rates, x.shape[-2:])
         outputs = [branch(x) for branch in self.branches]
         pooled = self.pool(x)  # N x C x 1 x 1
-        outputs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        pooled = F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        outputs.append(pooled)  # the image-level context, copied to every cell
         return self.project(torch.cat(outputs, dim=1))  # N x 5C x h x w -> N x C x h x w
 
 
@@ -1111,7 +1049,9 @@ class FPNHead(nn.Module):
         # 2) semantic head: every level -> 3x3 conv -> stride-4 size, summed, then classified
         size = pyramid["c2"].shape[-2:]
         merged = sum(
-            F.interpolate(self.semantic[key](pyramid[key]), size=size, mode="bilinear", align_corners=False)
+            F.interpolate(
+                self.semantic[key](pyramid[key]), size=size, mode="bilinear", align_corners=False
+            )
             for key in self.levels
         )
         return self.classifier(merged)  # N x K x H/4 x W/4
@@ -1134,8 +1074,6 @@ class SegmentationModel(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-
-
 def build_model(
     architecture: str,
     encoder: str,
@@ -1154,7 +1092,9 @@ def build_model(
     loaded.
     """
     if architecture not in ("deeplabv3", "deeplabv3plus", "fpn"):
-        raise SystemExit(f"error: unknown architecture {architecture!r} (deeplabv3, deeplabv3plus, fpn)")
+        raise SystemExit(
+            f"error: unknown architecture {architecture!r} (deeplabv3, deeplabv3plus, fpn)"
+        )
     output_stride = 32 if architecture == "fpn" else (output_stride or OUTPUT_STRIDE)
     width = decoder_channels or DECODER_CHANNELS
     extractor, channels, mean, std, loaded = build_encoder(encoder, output_stride, pretrained)
@@ -1181,14 +1121,8 @@ def build_model(
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable-or-not parameters (weights and biases, not buffers)."""
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-# ==============================================================================================
-# 3. Loss and metrics
-# ==============================================================================================
+# %% 3. Loss and metrics
+# ===============================================================================================
 # The loss is per-pixel cross-entropy on logits, with ignore_index=255 so outlines and padding
 # neither pull the network nor count as mistakes.
 #
@@ -1202,14 +1136,18 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """num_classes x num_classes int64 counts (rows = truth, columns = prediction) of N x H x W maps."""
-    keep = (target >= 0) & (target < num_classes)  # drops IGNORE_INDEX pixels
-    index = num_classes * target[keep] + pred[keep]  # one bin per (truth, prediction) pair
-    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+    """Counts (C, C): row = true class, column = predicted; target pixels outside [0, C) skipped.
+
+    pred and target are integer tensors of the same shape (N x H x W); IGNORE_INDEX (255) lies
+    outside [0, C), so ignored pixels are never counted.
+    """
+    valid = (target >= 0) & (target < num_classes)
+    bins = num_classes * target[valid].long() + pred[valid].long()  # one bin per (true, pred) pair
+    return torch.bincount(bins, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def metrics_from_confusion(cm: torch.Tensor) -> dict:
-    """Per-class IoU (NaN = absent from truth and prediction), mIoU, pixel and mean class accuracy."""
+    """Per-class IoU (NaN: absent from truth and prediction), mIoU, pixel and class accuracies."""
     cm = cm.double()
     tp = cm.diag()
     truth, predicted = cm.sum(dim=1), cm.sum(dim=0)
@@ -1224,7 +1162,6 @@ def metrics_from_confusion(cm: torch.Tensor) -> dict:
         "mean_class_accuracy": torch.nanmean(class_accuracy).item(),
         "per_class_accuracy": class_accuracy.tolist(),
     }
-
 
 
 # What can a model with output stride s draw at all? Its logits live on a grid s times coarser
@@ -1248,24 +1185,31 @@ def stride_ceiling_miou(loader: DataLoader, stride: int, num_classes: int) -> fl
     return metrics_from_confusion(cm)["miou"]
 
 
-def warn_if_collapsed(cm: torch.Tensor, best_val_miou: float, name: str) -> bool:
-    """One "Warning:" line when a model predicts one class everywhere or never scored on val."""
-    predicted = int((cm.sum(dim=0) > 0).sum())  # classes that appear in the predictions
-    if predicted > 1 and best_val_miou > 0:
-        return False
-    log(
-        f"Warning: {name} predicts {predicted} class(es) on the test split (best validation mIoU "
-        f"{best_val_miou:.3f}). Likely causes: masks stored as 0/255 instead of class indices, "
-        "too few optimizer steps, images shrunk so far that the objects vanish, a learning rate "
-        "too high, or one class dominating the pixels (see the per-class table)"
+def warn_if_collapsed(predicted_counts, best_val_score: float, names) -> str | None:
+    """One "Warning:" line when the predictions hold a single class, or validation stayed at 0.
+
+    predicted_counts: pixels (voxels) predicted per class over the evaluated images, (K,).
+    Returns the line (None when all is well), so that a test can check it.
+    """
+    counts = np.asarray(predicted_counts)
+    present = [names[k] for k in np.flatnonzero(counts)]
+    if len(present) > 1 and best_val_score > 0:
+        return None
+    if len(present) > 1:
+        what = "the validation score stayed at 0"
+    else:
+        what = f"the model predicts only {present[0] if present else 'nothing'!r} everywhere"
+    line = (
+        f"Warning: {what}. Likely causes: masks stored as 0/255 not mapped to 0/1, too few "
+        "optimizer steps, images shrunk so small that the objects vanish, a learning rate too "
+        "high, or a class imbalance the loss does not handle."
     )
-    return True
+    print(line)
+    return line
 
 
-
-# ==============================================================================================
-# 4. Evaluation and multi-scale inference
-# ==============================================================================================
+# %% 4. Evaluation and multi-scale inference
+# ===============================================================================================
 # A network trained at one scale sees objects at one size. At test time we can show it the image at
 # several scales (and mirrored), map every prediction back to the input's pixel grid and average.
 # Three rules make this correct: undo each transform on the *prediction* (flip the logits back,
@@ -1294,11 +1238,11 @@ def multiscale_probs(
                 logits = logits.flip(-1)  # undo the flip on the prediction
             if size != (height, width):
                 # Gotcha: explicit size= back to the input grid
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                logits = F.interpolate(
+                    logits, size=(height, width), mode="bilinear", align_corners=False
+                )
             total, passes = total + logits.float().softmax(dim=1), passes + 1
     return total / passes
-
-
 
 
 def working_scales(images: torch.Tensor, short_side: int | None, scales) -> tuple[float, ...]:
@@ -1329,7 +1273,7 @@ def evaluate(
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for images, masks in batches_of(loader):
         images, masks = images.to(device), masks.to(device)
-        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+        with autocast(device):
             passes = working_scales(images, short_side, scales)
             probs = multiscale_probs(model, images, passes, flip)
         cm += confusion_matrix(probs.argmax(dim=1), masks, num_classes)  # at the masks' full size
@@ -1338,9 +1282,8 @@ def evaluate(
     return cm.cpu()
 
 
-# ==============================================================================================
-# 5. Training: frozen warm-up (pretrained encoders only), then fine-tuning
-# ==============================================================================================
+# %% 5. Training: frozen warm-up (pretrained encoders only), then fine-tuning
+# ===============================================================================================
 # Transfer learning in two phases. (1) Warm-up: a *pretrained* encoder is frozen and its
 # BatchNorm layers stay in eval mode, so the randomly initialized decoder's first, large and noisy
 # gradients cannot wreck the pretrained features, and the BatchNorm statistics learnt on ImageNet
@@ -1390,30 +1333,12 @@ def make_optimizer(model: SegmentationModel, total_steps: int, lr: float | None 
         ],
         weight_decay=WEIGHT_DECAY,
         # fused: one kernel updates all weights instead of ~10 small operations per weight tensor
-        # (same maths; the optimizer was 10-16% of a CPU training step). CPU and CUDA have it.
+        # (same maths, fewer passes over memory). CPU and CUDA have it.
         fused=next(model.parameters()).device.type in ("cpu", "cuda"),
     )
     total_steps = max(1, total_steps)  # a 0-step schedule would divide by zero
     poly = lambda step: max(0.0, 1 - step / total_steps) ** POLY_POWER  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
-
-
-def wrap_for_training(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel under torchrun (averages gradients across processes), else the model.
-
-    Built again whenever the set of trainable parameters changes: DDP registers its gradient hooks
-    for the parameters that require gradients when it is constructed.
-    """
-    if not dist.is_initialized():
-        return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def sync_buffers(model: nn.Module) -> None:
-    """Copy rank 0's BatchNorm running statistics to all ranks (each rank updated its own)."""
-    if dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 def train_one_epoch(
@@ -1431,7 +1356,7 @@ def train_one_epoch(
     total, steps = 0.0, 0
     for images, masks in tqdm(loader, desc="train", leave=False, disable=not is_main_process()):
         images, masks = images.to(device), masks.to(device)  # N x 3 x H x W float, N x H x W int64
-        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+        with autocast(device):
             loss = criterion(net(images), masks)  # logits N x K x H x W against class ids
         if not torch.isfinite(loss):
             raise SystemExit(f"error: the loss became {loss.item()}; lower the LR, check the masks")
@@ -1450,22 +1375,54 @@ def take(iterator, count: int):
         yield next(iterator)
 
 
-def print_eta(elapsed: float, steps_done: int, total_steps: int) -> float:
-    """One line after the first validation interval: about how long the rest of training takes."""
-    minutes = elapsed / max(steps_done, 1) * (total_steps - steps_done) / 60
-    log(f"  estimated time to the end of training: about {minutes:.0f} min")
-    return minutes
+def start_phase(model: SegmentationModel, device, optimizer, frozen: bool) -> nn.Module:
+    """Freeze or unfreeze the encoder for a new phase; return the network to train (DDP or not)."""
+    set_encoder_trainable(model, not frozen)
+    net = wrap_for_training(model, device)  # again: DDP hooks only the trainable parameters
+    log(
+        f"  phase: {'warm-up, encoder frozen' if frozen else 'training everything'}, "
+        f"encoder lr {optimizer.param_groups[0]['lr']:.2g}, "
+        f"decoder lr {optimizer.param_groups[1]['lr']:.2g}"
+    )
+    return net
 
 
-def save_checkpoint(model: SegmentationModel, path: Path) -> None:
-    """Atomic save (temp file + os.replace): a crash mid-write never leaves a broken checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": model.config}, temporary)
-    os.replace(temporary, path)
+def validate(model, loader, device, plan: dict, num_classes: int) -> dict:
+    """Scores on the validation split (single scale): what the best weights are chosen on."""
+    cm = evaluate(model, loader, device, num_classes, short_side=plan["short_side"])
+    return metrics_from_confusion(cm)
 
 
-def train_model(
+def record(history: list, round_: int, step: int, total: int, loss: float, val, start) -> None:
+    """Append one validation to the history and print its line."""
+    history.append({"epoch": round_, "step": step, "loss": loss, "val_miou": val["miou"]})
+    log(
+        f"  step {step:5d}/{total}  loss {loss:.3f}  val mIoU {val['miou']:.3f}  "
+        f"pixel acc {val['pixel_accuracy']:.3f}  ({time.time() - start:.0f} s)"
+    )
+
+
+def keep_if_best(model: SegmentationModel, name: str, val_miou: float, best: dict) -> bool:
+    """Keep (in memory and on disk) weights that beat the best validation mIoU so far.
+
+    `best` holds "val_miou", "weights" and "stale" (validations without progress); returns
+    False when PATIENCE validations in a row brought nothing better: time to stop early.
+    """
+    if val_miou > best["val_miou"]:
+        best["val_miou"], best["stale"] = val_miou, 0
+        best["weights"] = {k: value.detach().clone() for k, value in model.state_dict().items()}
+        if is_main_process():
+            state = {"model": model.state_dict(), "config": model.config}
+            save_checkpoint(state, OUTPUT_DIR / f"{name}.pt")
+        return True
+    best["stale"] += 1
+    if best["stale"] >= PATIENCE:
+        log(f"  early stop: no better validation mIoU for {PATIENCE} validations")
+        return False
+    return True
+
+
+def fit(
     model: SegmentationModel,
     name: str,
     loaders: dict,
@@ -1487,58 +1444,42 @@ def train_model(
     # Gotcha: freezing only protects what is worth protecting - a pretrained encoder
     warmup = WARMUP_EPOCHS if model.pretrained_loaded else 0
     batches = iter(loaders["train"])  # endless: full batches, reshuffled on every pass
-    history, best_miou, best_state, stale, net = [], -1.0, None, 0, None
-    start = time.time()
+    history, best = [], {"val_miou": -1.0, "weights": None, "stale": 0}
+    net, start = None, time.time()
     try:
         for round_ in range(1, rounds + 1):
             frozen = round_ <= warmup
             if round_ == 1 or round_ == warmup + 1:  # a phase starts
-                set_encoder_trainable(model, not frozen)
-                net = wrap_for_training(model, device)
-                log(
-                    f"  phase: {'warm-up, encoder frozen' if frozen else 'training everything'}, "
-                    f"encoder lr {optimizer.param_groups[0]['lr']:.2g}, "
-                    f"decoder lr {optimizer.param_groups[1]['lr']:.2g}"
-                )
+                net = start_phase(model, device, optimizer, frozen)
             steps = min(every, total - (round_ - 1) * every)
             loss = train_one_epoch(
                 net, model, take(batches, steps), optimizer, scheduler, scaler, device, frozen,
-                plan.get("class_weights"),
-            )
-            sync_buffers(model)
-            val_loader = loaders["val"]
-            cm = evaluate(model, val_loader, device, num_classes, short_side=plan["short_side"])
-            val = metrics_from_confusion(cm)
+                plan.get("class_weights"))  # fmt: skip
+            sync_buffers(model)  # every process now holds rank 0's BatchNorm statistics
+            val = validate(model, loaders["val"], device, plan, num_classes)
             step = min(round_ * every, total)
-            history.append({"epoch": round_, "step": step, "loss": loss, "val_miou": val["miou"]})
-            log(
-                f"  step {step:5d}/{total}  loss {loss:.3f}  val mIoU {val['miou']:.3f}  "
-                f"pixel acc {val['pixel_accuracy']:.3f}  ({time.time() - start:.0f} s)"
-            )
-            if round_ == 1 and plan["real"] and rounds > 1:  # photos: how long will this take?
-                print_eta(time.time() - start, step, total)
-            if val["miou"] > best_miou:
-                best_miou, stale = val["miou"], 0
-                best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-                if is_main_process():
-                    save_checkpoint(model, OUTPUT_DIR / f"{name}.pt")
-            else:
-                stale += 1
-                if stale >= PATIENCE:
-                    log(f"  early stop: no better validation mIoU for {PATIENCE} validations")
-                    break
+            record(history, round_, step, total, loss, val, start)
+            if round_ == 1 and plan["real"] and rounds > 1 and is_main_process():
+                print_eta(time.time() - start, step, total)  # photos: how long will this take?
+            if not keep_if_best(model, name, val["miou"], best):
+                break
     except KeyboardInterrupt:
         log("  interrupted: continuing with the best checkpoint so far")
-    if best_state is None:
+    if best["weights"] is None:
         raise SystemExit("error: training stopped before the first validation; nothing to evaluate")
-    model.load_state_dict(best_state)
+    model.load_state_dict(best["weights"])
     set_encoder_trainable(model, True)
-    return {"history": history, "train_seconds": time.time() - start, "best_val_miou": best_miou}
+    seconds = time.time() - start
+    return {"history": history, "train_seconds": seconds, "best_val_miou": best["val_miou"]}
 
 
-# ==============================================================================================
-# 6. Visualization
-# ==============================================================================================
+def best_run(runs: list[dict]) -> dict:
+    """The run with the best *validation* mIoU: the test split never chooses anything."""
+    return max(runs, key=lambda run: run["val_miou"])
+
+
+# %% 6. Figures
+# ===============================================================================================
 # Numbers say how good, pictures say where it fails: the confusion matrix shows which classes are
 # mistaken for which (and how much leaks into background), the per-class IoU compares the models
 # class by class, and palette-coloured predictions show boundaries and small objects.
@@ -1572,7 +1513,11 @@ def plot_per_class_iou(runs: list[dict], class_names, path: Path) -> None:
             label=f"{run['model']} ({run['miou']:.3f})",
         )
     ax.set_xticks(
-        np.arange(len(class_names)) + 0.4 - width / 2, class_names, rotation=60, fontsize=8, ha="right"
+        np.arange(len(class_names)) + 0.4 - width / 2,
+        class_names,
+        rotation=60,
+        fontsize=8,
+        ha="right",
     )
     ax.set_ylabel("IoU")
     ax.set_ylim(0, 1)
@@ -1585,7 +1530,8 @@ def plot_per_class_iou(runs: list[dict], class_names, path: Path) -> None:
 def plot_predictions(images: torch.Tensor, label_maps: dict[str, torch.Tensor], path: Path) -> None:
     """Rows of: image | one palette-coloured N x H x W label map per entry (truth, predictions)."""
     columns = 1 + len(label_maps)
-    fig, axes = plt.subplots(len(images), columns, figsize=(2 * columns, 2 * len(images)), squeeze=False)
+    size = (2 * columns, 2 * len(images))
+    fig, axes = plt.subplots(len(images), columns, figsize=size, squeeze=False)
     for row in range(len(images)):
         panels = [images[row].permute(1, 2, 0).numpy()]  # 3 x H x W -> H x W x 3
         panels += [colorize(labels[row].numpy()) for labels in label_maps.values()]
@@ -1599,8 +1545,7 @@ def plot_predictions(images: torch.Tensor, label_maps: dict[str, torch.Tensor], 
     plt.close(fig)
 
 
-
-def plot_curves(runs: list[dict], path: Path) -> None:
+def plot_training_curves(runs: list[dict], path: Path) -> None:
     """Training loss and validation mIoU at every validation, for every run."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
     for run in runs:
@@ -1615,9 +1560,56 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-# ==============================================================================================
-# 7. Prediction on your own image
-# ==============================================================================================
+def predicted_label_maps(models: dict, samples: list, device) -> tuple[list, dict]:
+    """Each model's prediction for a few (image, mask) samples, as it is tested (scales, flips).
+
+    Returns (images, {"truth": masks, model name: predictions}), one tensor per sample; photos
+    differ in size, so they go through the models one at a time.
+    """
+    images, label_maps = [], {"truth": []}
+    with torch.inference_mode():
+        for image, mask in samples:
+            images.append(image)
+            label_maps["truth"].append(mask)
+            for name, model in models.items():
+                config = model.config
+                scales = config.get("eval_scales") or EVAL_SCALES
+                scales = working_scales(image, config.get("short_side"), scales)
+                probs = multiscale_probs(model.eval(), image[None].to(device), scales, EVAL_FLIP)
+                label_maps.setdefault(name, []).append(probs.argmax(dim=1)[0].cpu())
+    return images, label_maps
+
+
+def plot_test_predictions(models: dict, test: Dataset, device, path: Path) -> None:
+    """The first 4 test images, their truth and every model's prediction, in one figure."""
+    samples = [test[i] for i in range(min(4, len(test)))]
+    images, label_maps = predicted_label_maps(models, samples, device)
+    # photos of different sizes: padded for the figure only (image black, labels 255)
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    padded = [pad_to(im, mask, height, width) for im, mask in zip(images, label_maps["truth"])]
+    figure_maps = {"truth": torch.stack([mask for _, mask in padded])}
+    for name in models:
+        figure_maps[name] = torch.stack(
+            [pad_to(image, pred, height, width)[1] for image, pred in zip(images, label_maps[name])]
+        )
+    shown = torch.stack([image for image, _ in padded])
+    plot_predictions(shown, figure_maps, path)
+
+
+def save_figures(runs: list[dict], models: dict, loaders: dict, device, classes) -> None:
+    """The four figures of a training run, in OUTPUT_DIR (the best run: chosen on validation)."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    best = best_run(runs)  # chosen on validation, never on the test split
+    cm = torch.tensor(best["confusion_matrix"])
+    plot_confusion(cm, classes, OUTPUT_DIR / "confusion_matrix.png")
+    plot_per_class_iou(runs, classes, OUTPUT_DIR / "per_class_iou.png")
+    plot_training_curves(runs, OUTPUT_DIR / "training_curves.png")
+    plot_test_predictions(models, loaders["test"].dataset, device, OUTPUT_DIR / "predictions.png")
+
+
+# %% 7. Prediction on your own image
+# ===============================================================================================
 # The checkpoint stores the model's configuration (and, for photos, the size it works at and the
 # class names), so --predict rebuilds exactly the network that was trained, even if you edited
 # the constants since, and runs multi-scale + flip inference.
@@ -1630,19 +1622,21 @@ def load_image(path: Path) -> torch.Tensor:
     try:
         image = Image.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError):
-        raise SystemExit(f"error: {path} is not an image PIL can read (try a .png or .jpg)") from None
+        raise SystemExit(
+            f"error: {path} is not an image PIL can read (try a .png or .jpg)"
+        ) from None
     image.thumbnail((PREDICT_MAX_SIDE, PREDICT_MAX_SIDE))  # keeps the aspect ratio
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()  # H x W x 3 -> 1 x 3 x H x W
 
 
-def predict(image_path: str) -> dict:
-    """Segment one image with OUTPUT_DIR/best_model.pt; save the mask and a figure beside outputs."""
+def predict_image(image_path: str) -> dict:
+    """Segment one image with OUTPUT_DIR/best_model.pt; save its mask and a figure in OUTPUT_DIR."""
     checkpoint_path = OUTPUT_DIR / "best_model.pt"
     if not checkpoint_path.is_file():
         raise SystemExit(
-            f"error: no trained model at {checkpoint_path}; run `python {Path(__file__).name}` first "
-            "(a --quick run's model: --quick --predict)"
+            f"error: no trained model at {checkpoint_path}; run `python {Path(__file__).name}` "
+            "first (a --quick run's model: --quick --predict)"
         )
     image = load_image(Path(image_path))
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -1657,7 +1651,7 @@ def predict(image_path: str) -> dict:
         aspp_rates=config.get("aspp_rates"),
     )
     model.load_state_dict(checkpoint["model"])
-    device = pick_device()
+    device = pick_device(DEVICE)
     model.to(device, memory_format=memory_format(device)).eval()
     short_side = config.get("short_side")  # photos: the size the model was trained at
     class_names = config.get("class_names") or VOC_CLASSES
@@ -1679,32 +1673,18 @@ def predict(image_path: str) -> dict:
     return {"image": str(image_path), "mask": str(mask_path), "classes": fractions}
 
 
-# ==============================================================================================
-# 8. Main: train every run, choose on validation, report the test split once
-# ==============================================================================================
+# %% 8. Putting it together: train every run, choose on validation, test once
+# ===============================================================================================
+# One experiment = one (decoder, encoder) pair: built and seeded (section 2), trained with the
+# best validation weights kept (section 5), then scored on the test split once, plain and with
+# multi-scale + flip (section 4). The run with the best *validation* mIoU becomes best_model.pt;
+# the test split only reports. main() at the end reads as the chapter's table of contents.
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA) and numpy's legacy global generator."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
-def run_experiment(
-    architecture: str,
-    encoder: str,
-    pretrained: bool,
-    loaders: dict,
-    device,
-    plan: dict | None = None,
-    classes=None,
-) -> tuple[dict, nn.Module]:
-    """Build, train and test one decoder x encoder pair; return its result row and the model."""
-    plan = plan or training_plan(False, len(loaders["train"].dataset))
-    classes = classes or VOC_CLASSES
-    num_classes = len(classes)
+def experiment_model(architecture, encoder, pretrained: bool, plan: dict, classes, device):
+    """Build one decoder x encoder pair on `device` (seeded), announce it; return (model, name)."""
     seed_everything(SEED)  # every run starts from the same data order and seed
-    model = build_model(architecture, encoder, num_classes, pretrained, crop=plan["crop"])
+    model = build_model(architecture, encoder, len(classes), pretrained, crop=plan["crop"])
     model = model.to(device, memory_format=memory_format(device))
     # --predict reads these back: the size the model works at, its test scales, the class names
     model.config.update(
@@ -1713,32 +1693,35 @@ def run_experiment(
         class_names=tuple(classes),
     )
     name = f"{architecture}_{encoder}_{'pretrained' if model.pretrained_loaded else 'scratch'}"
-    parameters, output_stride = count_parameters(model), model.config["output_stride"]
     rates = model.config["aspp_rates"]
     log(
-        f"\n== {name}: {parameters / 1e6:.1f} M parameters, output stride {output_stride}"
-        + (f", ASPP rates {rates}" if rates else "")
+        f"\n== {name}: {count_parameters(model) / 1e6:.1f} M parameters, output stride "
+        f"{model.config['output_stride']}" + (f", ASPP rates {rates}" if rates else "")
     )
-    training = train_model(model, name, loaders, device, plan, num_classes)
+    return model, name
+
+
+def score_on_test(model, loaders: dict, device, plan: dict, num_classes: int):
+    """The test split, scored once: (confusion matrix, single-scale and multi-scale metrics)."""
     short_side, scales = plan["short_side"], plan["eval_scales"]
     cm = evaluate(model, loaders["test"], device, num_classes, short_side=short_side)  # one scale
     single = metrics_from_confusion(cm)
     multi = metrics_from_confusion(
         evaluate(model, loaders["test"], device, num_classes, scales, EVAL_FLIP, short_side)
     )
-    log(
-        f"  val mIoU {training['best_val_miou']:.3f}; test mIoU {single['miou']:.3f} "
-        f"(multi-scale + flip {multi['miou']:.3f}), pixel acc {single['pixel_accuracy']:.3f}, "
-        f"trained {training['train_seconds']:.0f} s"
-    )
-    warn_if_collapsed(cm, training["best_val_miou"], name)
-    row = {
+    return cm, single, multi
+
+
+def result_row(name, model, training: dict, cm, single: dict, multi: dict) -> dict:
+    """One run's line of metrics.json: what it is, how it trained, how it scored."""
+    rates = model.config["aspp_rates"]
+    return {
         "model": name,
-        "architecture": architecture,
-        "encoder": encoder,
+        "architecture": model.config["architecture"],
+        "encoder": model.config["encoder"],
         "pretrained": model.pretrained_loaded,
-        "params": parameters,
-        "output_stride": output_stride,
+        "params": count_parameters(model),
+        "output_stride": model.config["output_stride"],
         "aspp_rates": list(rates) if rates else None,
         "train_seconds": round(training["train_seconds"], 1),
         "steps": training["history"][-1]["step"],
@@ -1756,12 +1739,56 @@ def run_experiment(
         "history": training["history"],
         "confusion_matrix": cm.tolist(),
     }
-    return row, model
 
 
-def best_run(runs: list[dict]) -> dict:
-    """The run with the best *validation* mIoU: the test split never chooses anything."""
-    return max(runs, key=lambda run: run["val_miou"])
+def run_experiment(
+    architecture: str,
+    encoder: str,
+    pretrained: bool,
+    loaders: dict,
+    device,
+    plan: dict | None = None,
+    classes=None,
+) -> tuple[dict, nn.Module]:
+    """Build, train and test one decoder x encoder pair; return its result row and the model."""
+    plan = plan or training_plan(False, len(loaders["train"].dataset))
+    classes = classes or VOC_CLASSES
+    model, name = experiment_model(architecture, encoder, pretrained, plan, classes, device)
+    training = fit(model, name, loaders, device, plan, len(classes))
+    cm, single, multi = score_on_test(model, loaders, device, plan, len(classes))
+    log(
+        f"  val mIoU {training['best_val_miou']:.3f}; test mIoU {single['miou']:.3f} "
+        f"(multi-scale + flip {multi['miou']:.3f}), pixel acc {single['pixel_accuracy']:.3f}, "
+        f"trained {training['train_seconds']:.0f} s"
+    )
+    if is_main_process():
+        warn_if_collapsed(cm.sum(dim=0), training["best_val_miou"], classes)
+    return result_row(name, model, training, cm, single, multi), model
+
+
+def run_all_experiments(loaders: dict, device, plan: dict, classes) -> tuple[list, dict]:
+    """Every (decoder, encoder) pair of the plan, and each again from scratch when pretrained."""
+    runs, models = [], {}
+    for architecture, encoder in plan["runs"]:
+        row, model = run_experiment(
+            architecture, encoder, PRETRAINED, loaders, device, plan, classes
+        )
+        runs.append(row)
+        models[row["model"]] = model
+        if row["pretrained"] and COMPARE_SCRATCH:  # the same model from random weights: the gain
+            row, model = run_experiment(
+                architecture, encoder, False, loaders, device, plan, classes
+            )
+            runs.append(row)
+            models[row["model"]] = model
+    return runs, models
+
+
+def add_stride_ceilings(runs: list[dict], test_loader, num_classes: int) -> None:
+    """Store in every row what a perfect model with its output stride would score on test."""
+    for row in runs:
+        stride = 4 if row["architecture"] != "deeplabv3" else row["output_stride"]
+        row["stride_ceiling_miou"] = stride_ceiling_miou(test_loader, stride, num_classes)
 
 
 def print_report(runs: list[dict], classes=VOC_CLASSES) -> None:
@@ -1787,69 +1814,37 @@ def print_report(runs: list[dict], classes=VOC_CLASSES) -> None:
     log("(ceiling: test mIoU of the true labels squeezed through the model's output stride)")
 
 
-def save_outputs(runs: list[dict], models: dict, loaders: dict, metrics: dict, device, classes):
-    """Figures, best_model.pt and metrics.json (atomic) in OUTPUT_DIR; rank 0 only."""
-    best = best_run(runs)
-    save_checkpoint(models[best["model"]], OUTPUT_DIR / "best_model.pt")
-    cm = torch.tensor(best["confusion_matrix"])
-    plot_confusion(cm, classes, OUTPUT_DIR / "confusion_matrix.png")
-    plot_per_class_iou(runs, classes, OUTPUT_DIR / "per_class_iou.png")
-    plot_curves(runs, OUTPUT_DIR / "training_curves.png")
-    test = loaders["test"].dataset
-    samples = [test[i] for i in range(min(4, len(test)))]
-    with torch.inference_mode():
-        images, label_maps = [], {"truth": []}
-        for image, mask in samples:  # one at a time: photos differ in size
-            images.append(image)
-            label_maps["truth"].append(mask)
-            for name, model in models.items():
-                config = model.config
-                scales = config.get("eval_scales") or EVAL_SCALES
-                scales = working_scales(image, config.get("short_side"), scales)
-                probs = multiscale_probs(model.eval(), image[None].to(device), scales, EVAL_FLIP)
-                label_maps.setdefault(name, []).append(probs.argmax(dim=1)[0].cpu())
-    # photos of different sizes: padded for the figure only (image black, labels 255)
-    height = max(image.shape[1] for image in images)
-    width = max(image.shape[2] for image in images)
-    padded = [pad_to(im, mask, height, width) for im, mask in zip(images, label_maps["truth"])]
-    figure_maps = {"truth": torch.stack([mask for _, mask in padded])}
-    for name in models:
-        figure_maps[name] = torch.stack(
-            [pad_to(image, pred, height, width)[1] for image, pred in zip(images, label_maps[name])]
+def save_results(runs: list[dict], models: dict, source: dict, device, world: int, start: float):
+    """metrics.json (every run; the best chosen on validation) and best_model.pt; returns them.
+
+    Only the main process writes; every process returns the same metrics.
+    """
+    metrics = {
+        "dataset": source["dataset"],
+        "classes": list(source["classes"]),
+        "pretrained": any(run["pretrained"] for run in runs),
+        "device": str(device),
+        "world_size": world,
+        "runs": runs,
+        "best_model": best_run(runs)["model"],  # chosen on validation mIoU
+        "total_seconds": round(time.time() - start, 1),
+    }
+    if is_main_process():
+        best = models[metrics["best_model"]]
+        state = {"model": best.state_dict(), "config": best.config}
+        save_checkpoint(state, OUTPUT_DIR / "best_model.pt")
+        write_json(metrics, OUTPUT_DIR / "metrics.json")
+        log(
+            f"\nsaved metrics.json, best_model.pt ({metrics['best_model']}, best on validation) "
+            f"and figures in {OUTPUT_DIR}"
         )
-    shown = torch.stack([image for image, _ in padded])
-    plot_predictions(shown, figure_maps, OUTPUT_DIR / "predictions.png")
-    temporary = OUTPUT_DIR / "metrics.json.tmp"
-    temporary.write_text(json.dumps(metrics, indent=2))
-    os.replace(temporary, OUTPUT_DIR / "metrics.json")
-    log(
-        f"\nsaved metrics.json, best_model.pt ({best['model']}, best on validation) and figures "
-        f"in {OUTPUT_DIR}"
-    )
+    log(f"total time {metrics['total_seconds']:.0f} s")
+    return metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """The chapter in one screen: data, every run (train, choose on val, test), outputs."""
-    parser = argparse.ArgumentParser(description="Pretrained encoders + DeepLabV3 / FPN segmentation.")
-    parser.add_argument("--quick", action="store_true", help="tiny configuration to check the set-up")
-    parser.add_argument("--predict", metavar="IMAGE", help="segment IMAGE with outputs/best_model.pt")
-    args = parser.parse_args(argv)
-    if args.quick:
-        # Replace the constants above for this run only, and keep its files in outputs/quick/
-        # so that a set-up check never overwrites the model or metrics of a real run.
-        globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
-    if args.predict:  # `--quick --predict IMAGE` uses the quick run's model
-        return predict(args.predict)
-
-    start = time.time()
-    rank, world = setup_distributed()
-    device = pick_device()
-    # cuDNN tries its convolution algorithms on the first batch of each shape and keeps the
-    # fastest: training crops all have one shape (photos differ: one try per new test shape).
-    torch.backends.cudnn.benchmark = True
-    seed_everything(SEED)
-    log(f"device: {device}, processes: {world}")
-    datasets, source = load_datasets()  # 1. data
+def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict, dict]:
+    """Datasets, their description, the training plan that fits them, and the three loaders."""
+    datasets, source = load_datasets()
     classes, real = source["classes"], source["real"]
     plan = training_plan(real, len(datasets["train"]), world)
     if real and CLASS_WEIGHTING == "sqrt":
@@ -1873,41 +1868,235 @@ def main(argv: list[str] | None = None) -> dict:
             f"photos: {plan['steps']} steps of {plan['batch_size']} crops of {plan['crop']} px, "
             f"network input at {side}, scored at the masks' full size"
         )
+    return datasets, source, plan, loaders
 
-    runs, models = [], {}
-    for architecture, encoder in plan["runs"]:  # 2-5. model, training, evaluation
-        row, model = run_experiment(
-            architecture, encoder, PRETRAINED, loaders, device, plan, classes
-        )
-        runs.append(row)
-        models[row["model"]] = model
-        if row["pretrained"] and COMPARE_SCRATCH:  # the same model from random weights: the gain
-            row, model = run_experiment(
-                architecture, encoder, False, loaders, device, plan, classes
-            )
-            runs.append(row)
-            models[row["model"]] = model
-    for row in runs:  # what a perfect model with this output stride could score on the test split
-        stride = 4 if row["architecture"] != "deeplabv3" else row["output_stride"]
-        row["stride_ceiling_miou"] = stride_ceiling_miou(loaders["test"], stride, len(classes))
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options; --quick swaps in the QUICK constants (and outputs/quick/)."""
+    parser = argparse.ArgumentParser(description="Pretrained encoders + DeepLabV3 / FPN.")
+    parser.add_argument("--quick", action="store_true", help="tiny configuration, set-up check")
+    parser.add_argument("--predict", metavar="IMAGE", help="segment IMAGE with best_model.pt")
+    args = parser.parse_args(argv)
+    if args.quick:
+        # Replace the constants above for this run only, and keep its files in outputs/quick/
+        # so that a set-up check never overwrites the model or metrics of a real run.
+        globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The chapter in one screen: data, every run (train, choose on val, test), outputs."""
+    args = parse_args(argv)
+    if args.predict is not None:  # your own image (section 7); --quick --predict: the quick model
+        return predict_image(args.predict)
+    start = time.time()
+    rank, world = setup_distributed()  # one process, or one of torchrun's (appendix)
+    device = process_device()
+    # cuDNN tries its convolution algorithms on the first batch of each shape and keeps the
+    # fastest: training crops all have one shape (photos differ: one try per new test shape).
+    torch.backends.cudnn.benchmark = True
+    seed_everything(SEED)
+    log(f"device: {device}, processes: {world}")
+
+    # 1. Data: the datasets, the training plan that fits them, the loaders
+    datasets, source, plan, loaders = prepare_data(rank, world)
+    classes = source["classes"]
+    # 2. Models: each (decoder, encoder) pair built, trained (section 5) and tested (section 4)
+    runs, models = run_all_experiments(loaders, device, plan, classes)
+    # 3. Metrics: what a perfect model with each run's output stride would score on test
+    add_stride_ceilings(runs, loaders["test"], len(classes))
+    # 4. Evaluation: per-class test scores of the run chosen on validation, and the comparison
     print_report(runs, classes)
-    metrics = {
-        "dataset": source["dataset"],
-        "classes": list(classes),
-        "pretrained": any(run["pretrained"] for run in runs),
-        "device": str(device),
-        "world_size": world,
-        "runs": runs,
-        "best_model": best_run(runs)["model"],  # chosen on validation mIoU
-        "total_seconds": round(time.time() - start, 1),
-    }
-    if is_main_process():  # 6. figures and files
-        save_outputs(runs, models, loaders, metrics, device, classes)
-    log(f"total time {metrics['total_seconds']:.0f} s")
+    # 6. Figures: confusion matrix, per-class IoU, training curves, test predictions
+    if is_main_process():
+        save_figures(runs, models, loaders, device, classes)
+    # 8. Results: best_model.pt and metrics.json
+    metrics = save_results(runs, models, source, device, world, start)
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics
+
+
+# %% Appendix: distributed training (torchrun)
+# ===============================================================================================
+# `torchrun --nproc_per_node=N script.py` starts N copies of this script and tells each one its
+# RANK (0..N-1) and the WORLD_SIZE through environment variables. Every copy trains on its own
+# slice of the data; DistributedDataParallel averages the gradients after each backward pass so
+# all copies keep identical weights. Plain `python script.py` has no WORLD_SIZE: one process, and
+# every helper below turns into a no-op.
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Join the process group that torchrun describes; return (rank, world_size), (0, 1) alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    use_cuda = torch.cuda.is_available() and DEVICE in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process
+    # gloo runs collectives on CPU tensors, nccl on CUDA tensors
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without torchrun): only it prints, saves and plots."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only, so N processes do not print every line N times."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+def process_device() -> torch.device:
+    """This process's device: pick_device(DEVICE), but the CPU for torchrun without CUDA.
+
+    Under torchrun each process takes the GPU of its LOCAL_RANK (pick_device reads it); without
+    CUDA the processes talk through gloo on CPU tensors, which Apple's MPS cannot join.
+    """
+    if dist.is_initialized() and DEVICE == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return pick_device(DEVICE)
+
+
+class ShardSampler(Sampler):
+    """Evaluation sampler: process `rank` of `world` reads items rank, rank + world, ...
+
+    Unlike DistributedSampler it never pads the split with repeated items, so the summed
+    confusion matrices of all processes count every pixel exactly once.
+    """
+
+    def __init__(self, length: int, rank: int, world: int):
+        self.indices = list(range(rank, length, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def wrap_for_training(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel under torchrun (averages gradients across processes), else the model.
+
+    Built again whenever the set of trainable parameters changes: DDP registers its gradient hooks
+    for the parameters that require gradients when it is constructed.
+    """
+    if not dist.is_initialized():
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None  # one GPU, or CPU (gloo)
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's BatchNorm running statistics to all ranks (each rank updated its own)."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# %% Appendix: plumbing
+# ===============================================================================================
+# Device choice, seeding, memory layout, mixed precision, atomic saves and JSON: the same helpers
+# in every chapter, copied byte for byte (tests/test_chapters.py compares the copies), so that a
+# diff between two chapters shows only the new idea. Nothing here is about segmentation.
+
+
+def pick_device(name: str) -> torch.device:
+    """Return the device named by DEVICE; "auto" prefers CUDA, then Apple MPS, then the CPU.
+
+    Under torchrun (Example 2) every process takes the GPU numbered by its LOCAL_RANK.
+    """
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_num_workers(setting) -> int:
+    """DataLoader worker processes: "auto" = 0 on a CPU-only machine, min(8, cores - 1) with CUDA.
+
+    On a CPU the workers would compete with the model for the same cores; a GPU finishes a batch
+    faster than one process decodes the next one's JPEGs, so there the workers pay off.
+    """
+    if setting != "auto":
+        return int(setting)
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch so that a run can be repeated exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA and MPS
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """How image-like tensors are laid out in memory: channels-last on CUDA, the default elsewhere.
+
+    channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
+    order in which NVIDIA's tensor cores convolve fastest. On a CPU it brings no steady gain, so
+    there we keep the default layout (benchmarks/README.md has the measurements).
+    """
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (float16 matmuls, float32 where it matters); a no-op elsewhere.
+
+    CPUs gain little from it here, and older PyTorch builds have no autocast for Apple MPS.
+    """
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, trainable or frozen (weights and biases; buffers are not counted)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def print_eta(seconds_so_far: float, steps_done: int, steps_total: int) -> str:
+    """Print (and return) one line: the time left if the remaining steps run at the rate so far."""
+    minutes = seconds_so_far / max(steps_done, 1) * (steps_total - steps_done) / 60
+    shown = f"{minutes:.0f}" if minutes >= 1 else f"{minutes:.1f}"  # "4", or "0.3" when short
+    line = f"estimated time to the end of training: about {shown} min"
+    print(line)
+    return line
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: the file at `path` is always complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def jsonable(value):
+    """Plain JSON types: NaN -> None (null), numpy numbers -> float / int, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write JSON atomically (temporary file, then rename); NaN (undefined scores) becomes null."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False))
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

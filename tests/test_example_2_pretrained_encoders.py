@@ -45,7 +45,10 @@ def write_tiny_vocdevkit(root: Path, palette: np.ndarray) -> dict[str, tuple[np.
         (voc / folder).mkdir(parents=True)
     rng = np.random.default_rng(0)
     written = {}
-    splits = {"train": ["2007_000032", "2007_000033", "2007_000039"], "val": ["2007_000042", "2007_000061"]}
+    splits = {
+        "train": ["2007_000032", "2007_000033", "2007_000039"],
+        "val": ["2007_000042", "2007_000061"],
+    }
     for names in splits.values():
         for number, name in enumerate(names):
             height, width = 30 + 4 * number, 40 + 6 * number  # different sizes, like VOC
@@ -86,7 +89,8 @@ def test_voc_loader_reads_a_tiny_vocdevkit(mod, isolated, tmp_path):
     for index, file_name in enumerate(["2007_000042", "2007_000061"]):
         image, mask = datasets["test"][index]
         expected_mask, label = written[file_name]
-        decoded = np.asarray(Image.open(voc_root / "JPEGImages" / f"{file_name}.jpg"), dtype=np.float32) / 255
+        jpeg = Image.open(voc_root / "JPEGImages" / f"{file_name}.jpg")
+        decoded = np.asarray(jpeg, dtype=np.float32) / 255
         assert image.dtype == torch.float32 and mask.dtype == torch.int64
         assert image.shape == (3, *expected_mask.shape)
         assert torch.equal(image, torch.from_numpy(decoded).permute(2, 0, 1))
@@ -118,14 +122,14 @@ def test_train_transform_keeps_image_and_mask_aligned_and_255_intact(mod, isolat
     blocks = np.random.default_rng(0).integers(0, len(labels), (5, 7))
     mask = torch.from_numpy(labels[np.kron(blocks, np.ones((8, 8), dtype=int))])  # 40 x 56
     palette = torch.tensor([colours[int(label)] for label in labels])
-    image = (
-        palette[torch.from_numpy(np.kron(blocks, np.ones((8, 8), dtype=int)))].permute(2, 0, 1).contiguous()
-    )
+    labels_8x = torch.from_numpy(np.kron(blocks, np.ones((8, 8), dtype=int)))
+    image = palette[labels_8x].permute(2, 0, 1).contiguous()
 
     for trial in range(30):
         torch.manual_seed(trial)
         out_image, out_mask = mod.train_transform(image, mask)
-        assert out_image.shape == (3, 48, 48) and out_mask.shape == (48, 48) and out_mask.dtype == torch.int64
+        assert out_image.shape == (3, 48, 48) and out_mask.shape == (48, 48)
+        assert out_mask.dtype == torch.int64
         assert set(out_mask.unique().tolist()) <= set(colours)  # no invented labels, 255 stays 255
         matched = torch.zeros(48, 48, dtype=torch.bool)
         for label, colour in colours.items():
@@ -168,7 +172,7 @@ def test_synthetic_dataset_is_deterministic_and_voc_like(mod, isolated):
     ],
 )
 def test_encoder_feature_strides(mod, name, output_stride, sizes):
-    extractor, channels, mean, std, loaded = mod.build_encoder(name, output_stride, pretrained=False)
+    extractor, channels, mean, std, loaded = mod.build_encoder(name, output_stride, False)
     with torch.no_grad():
         features = extractor.eval()(torch.zeros(1, 3, 64, 96))
     assert list(features) == ["c2", "c3", "c4", "c5"]
@@ -187,7 +191,8 @@ def test_hand_dilation_keeps_resnet18_weights_shapes_and_dilates_layer4(mod):
     shapes = {k: v.shape for k, v in extractor.state_dict().items()}
     assert shapes == {k: v.shape for k, v in plain.state_dict().items() if not k.startswith("fc.")}
     conv = extractor.get_submodule
-    assert conv("layer4.0.conv1").stride == (1, 1) and conv("layer4.0.downsample.0").stride == (1, 1)
+    assert conv("layer4.0.conv1").stride == (1, 1)
+    assert conv("layer4.0.downsample.0").stride == (1, 1)
     assert conv("layer4.1.conv2").dilation == (2, 2) and conv("layer4.1.conv2").padding == (2, 2)
     assert conv("layer3.0.conv1").stride == (2, 2) and conv("layer3.0.conv1").dilation == (1, 1)
 
@@ -214,7 +219,7 @@ def test_aspp_branch_dilations_and_output_shape(mod, output_stride, rates):
 
 def test_fpn_head_outputs_stride_4_logits(mod):
     head = mod.FPNHead({"c2": 8, "c3": 16, "c4": 32, "c5": 64}, num_classes=21, width=16).eval()
-    sizes = {"c2": (17, 25), "c3": (9, 13), "c4": (5, 7), "c5": (3, 4)}  # odd sizes, as from 65 x 97
+    sizes = {"c2": (17, 25), "c3": (9, 13), "c4": (5, 7), "c5": (3, 4)}  # odd, as from 65 x 97
     features = {
         key: torch.randn(2, channels, *sizes[key])
         for key, channels in [("c2", 8), ("c3", 16), ("c4", 32), ("c5", 64)]
@@ -275,7 +280,11 @@ def test_failing_voc_download_falls_back_to_synthetic_with_one_line(
 
     monkeypatch.setattr(voc, "download_and_extract_archive", offline)
     isolated(
-        mod, DATA_ROOT=tmp_path / "data", DOWNLOAD_VOC=True, SYNTHETIC_SPLIT_SIZES=(4, 2, 3), IMAGE_SIZE=32
+        mod,
+        DATA_ROOT=tmp_path / "data",
+        DOWNLOAD_VOC=True,
+        SYNTHETIC_SPLIT_SIZES=(4, 2, 3),
+        IMAGE_SIZE=32,
     )
     datasets, source = mod.load_datasets()
     lines = capsys.readouterr().out.strip().splitlines()
@@ -323,7 +332,8 @@ def test_multiscale_with_scale_one_and_no_flip_equals_plain_inference(mod):
         assert torch.equal(mod.multiscale_probs(model, images, (1.0,), False), plain)
         averaged = mod.multiscale_probs(model, images, (0.75, 1.0, 1.25), True)
     assert averaged.shape == (2, 21, 40, 56)
-    assert torch.allclose(averaged.sum(dim=1), torch.ones(2, 40, 56), atol=1e-5)  # still probabilities
+    ones = torch.ones(2, 40, 56)
+    assert torch.allclose(averaged.sum(dim=1), ones, atol=1e-5)  # still probabilities
 
 
 def test_multiscale_flip_undoes_the_flip(mod):
@@ -355,7 +365,8 @@ def test_warmup_freezes_encoder_and_its_batchnorm_then_training_learns(mod, isol
     batch = [(images, masks)]
     cpu = torch.device("cpu")
 
-    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}  # weights and BN stats
+    # weights and BatchNorm statistics
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     decoder_before = [p.clone() for p in model.decoder.parameters()]
     mod.set_encoder_trainable(model, False)
     first = mod.train_one_epoch(model, model, batch, optimizer, scheduler, scaler, cpu, frozen=True)
@@ -365,8 +376,11 @@ def test_warmup_freezes_encoder_and_its_batchnorm_then_training_learns(mod, isol
 
     mod.set_encoder_trainable(model, True)
     for _ in range(20):  # fine-tuning on one batch: the loss must fall a lot
-        last = mod.train_one_epoch(model, model, batch, optimizer, scheduler, scaler, cpu, frozen=False)
-    assert not torch.equal(model.encoder.state_dict()["conv1.weight"], encoder_before["conv1.weight"])
+        last = mod.train_one_epoch(
+            model, model, batch, optimizer, scheduler, scaler, cpu, frozen=False
+        )
+    after = model.encoder.state_dict()["conv1.weight"]
+    assert not torch.equal(after, encoder_before["conv1.weight"])
     assert last < 0.5 * first
 
 
@@ -376,7 +390,8 @@ def test_poly_schedule_and_encoder_learning_rates(mod, isolated):
     for pretrained, encoder_lr in ((True, 0.001), (False, 0.01)):
         model.pretrained_loaded = pretrained  # a pretrained encoder learns 10x slower
         optimizer, scheduler = mod.make_optimizer(model, total_steps=10)
-        assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([encoder_lr, 0.01])
+        rates = [group["lr"] for group in optimizer.param_groups]
+        assert rates == pytest.approx([encoder_lr, 0.01])
         for _ in range(4):
             optimizer.step()
             scheduler.step()
@@ -392,11 +407,13 @@ def evaluate_fixed_model() -> torch.Tensor:
     """Confusion matrix of a fixed random FPN on 5 synthetic images, in 1 or N processes."""
     mod = load_script(SCRIPT)
     # batch size 1: oneDNN may pick other kernels for other batch sizes, changing the last bit
-    mod.IMAGE_SIZE, mod.BATCH_SIZE, mod.NUM_WORKERS, mod.DEVICE = 40, 1, 0, "cpu"  # gloo, even with a GPU
+    # DEVICE "cpu": gloo, even with a GPU
+    mod.IMAGE_SIZE, mod.BATCH_SIZE, mod.NUM_WORKERS, mod.DEVICE = 40, 1, 0, "cpu"
     rank, world = mod.setup_distributed()
     torch.manual_seed(0)
     model = mod.build_model("fpn", "resnet18", mod.NUM_CLASSES, pretrained=False).eval()
-    loader = mod.make_loader(mod.SyntheticVOC(split=2, length=5), train=False, rank=rank, world=world)
+    dataset = mod.SyntheticVOC(split=2, length=5)
+    loader = mod.make_loader(dataset, train=False, rank=rank, world=world)
     return mod.evaluate(model, loader, torch.device("cpu"), mod.NUM_CLASSES)
 
 
@@ -413,23 +430,28 @@ def test_two_torchrun_processes_give_the_single_process_confusion_matrix(isolate
         __file__,
         str(tmp_path / "cm.pt"),
     ]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     distributed = torch.load(tmp_path / "cm.pt")
     assert torch.equal(distributed, single)
-    masks = torch.stack([load_script(SCRIPT).SyntheticVOC(split=2, length=5)[i][1] for i in range(5)])
+    test_split = load_script(SCRIPT).SyntheticVOC(split=2, length=5)
+    masks = torch.stack([test_split[i][1] for i in range(5)])
     assert single.sum() == (masks != 255).sum()  # every labelled pixel counted exactly once
 
 
 def test_main_quick_end_to_end_then_predict(mod, isolated, tmp_path):
-    isolated(mod, PRETRAINED=False, DEVICE="cpu")  # hermetic: no weight download, same device everywhere
+    # hermetic: no weight download, the same device everywhere
+    isolated(mod, PRETRAINED=False, DEVICE="cpu")
     metrics = mod.main(["--quick"])
     out = tmp_path / "outputs" / "quick"  # a set-up check never touches a real run's files
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert saved["dataset"] == "synthetic" and saved["pretrained"] is False
     assert saved["device"] == "cpu" and saved["total_seconds"] > 0
-    assert [run["model"] for run in saved["runs"]] == ["deeplabv3_resnet18_scratch", "fpn_resnet18_scratch"]
+    names = [run["model"] for run in saved["runs"]]
+    assert names == ["deeplabv3_resnet18_scratch", "fpn_resnet18_scratch"]
     for run in saved["runs"]:
         assert 0 <= run["miou"] <= 1 and 0 <= run["pixel_accuracy"] <= 1
         assert run["params"] > 10_000_000 and run["train_seconds"] > 0
@@ -444,7 +466,8 @@ def test_main_quick_end_to_end_then_predict(mod, isolated, tmp_path):
         assert (out / name).is_file(), name
 
     photo = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(photo)
+    pixels = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photo)
     # main(["--quick"]) set OUTPUT_DIR to outputs/quick/ for the rest of this test (isolated()
     # restores it): --predict now finds the quick model, as `--quick --predict` does in a shell
     result = mod.main(["--predict", str(photo)])
@@ -776,9 +799,34 @@ def test_warmup_freezes_only_a_pretrained_encoder(mod, isolated, tmp_path):
         torch.manual_seed(0)
         model = mod.build_model("fpn", "resnet18", 21, pretrained=weights is not None)
         before = model.encoder.state_dict()["conv1.weight"].clone()
-        mod.train_model(model, "m", loaders, cpu)  # one step, in the warm-up phase
+        mod.fit(model, "m", loaders, cpu)  # one step, in the warm-up phase
         unchanged = torch.equal(model.encoder.state_dict()["conv1.weight"], before)
         assert unchanged == frozen, f"pretrained={weights is not None}: frozen should be {frozen}"
+
+
+def test_keep_if_best_keeps_the_best_weights_and_stops_after_patience(mod, isolated, tmp_path):
+    isolated(mod, PATIENCE=2)
+    model = mod.build_model("fpn", "resnet18", 3, pretrained=False, decoder_channels=8)
+    best = {"val_miou": -1.0, "weights": None, "stale": 0}
+    assert mod.keep_if_best(model, "m", 0.5, best) and best["val_miou"] == 0.5
+    saved = torch.load(tmp_path / "outputs" / "m.pt", weights_only=True)
+    assert set(saved) == {"model", "config"} and saved["config"]["architecture"] == "fpn"
+    kept = best["weights"]["decoder.classifier.weight"].clone()
+    with torch.no_grad():
+        model.decoder.classifier.weight.add_(1.0)  # training moves on...
+    assert mod.keep_if_best(model, "m", 0.4, best)  # ...worse on validation: go on, keep the old
+    assert torch.equal(best["weights"]["decoder.classifier.weight"], kept)
+    assert not mod.keep_if_best(model, "m", 0.5, best)  # equal is not better: 2 stale, stop
+    assert best["val_miou"] == 0.5
+
+
+def test_each_torchrun_process_gets_a_device_that_gloo_can_use(mod, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(mod.dist, "is_initialized", lambda: True)
+    assert mod.process_device() == torch.device("cpu")  # gloo cannot use Apple's MPS
+    monkeypatch.setattr(mod.dist, "is_initialized", lambda: False)
+    assert mod.process_device() == torch.device("mps")  # one process: MPS is fine
 
 
 def test_a_weights_file_that_is_not_a_checkpoint_is_one_line(mod, isolated, tmp_path):
@@ -837,13 +885,17 @@ def test_pick_num_workers_and_endless_sampler(mod, monkeypatch):
 
 
 def test_warn_if_collapsed_names_the_likely_causes(mod, capsys):
+    names = ("background", "cat", "dog")
     collapsed = torch.tensor([[5, 0, 0], [3, 0, 0], [2, 0, 0]])  # everything predicted as class 0
-    assert mod.warn_if_collapsed(collapsed, 0.2, "m") is True
-    line = capsys.readouterr().out.strip()
+    line = mod.warn_if_collapsed(collapsed.sum(dim=0), 0.2, names)  # predicted pixels per class
+    assert line == capsys.readouterr().out.strip()  # printed, and returned for this test
     assert line.startswith("Warning:") and "\n" not in line and "0/255" in line
+    assert "'background'" in line  # names the one class it predicts
     healthy = torch.tensor([[5, 1, 0], [0, 3, 0], [1, 0, 2]])
-    assert mod.warn_if_collapsed(healthy, 0.5, "m") is False
-    assert mod.warn_if_collapsed(healthy, 0.0, "m") is True  # validation never scored
+    assert mod.warn_if_collapsed(healthy.sum(dim=0), 0.5, names) is None
+    assert capsys.readouterr().out == ""  # all is well: silent
+    never = mod.warn_if_collapsed(healthy.sum(dim=0), 0.0, names)  # validation never scored
+    assert never.startswith("Warning: the validation score stayed at 0")
 
 
 if __name__ == "__main__":  # one torchrun worker of the DDP test above
