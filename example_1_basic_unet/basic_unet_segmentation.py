@@ -16,26 +16,24 @@ How to run
 ----------
 From this folder (``example_1_basic_unet/``)::
 
-    python basic_unet_segmentation.py                  # full run, about 3 minutes on a 2-core CPU
-    python basic_unet_segmentation.py --quick          # tiny run in seconds, into outputs/quick/
+    python basic_unet_segmentation.py              # full run, about 1.5 minutes on a 2-core CPU
+    python basic_unet_segmentation.py --quick      # tiny run in seconds, into outputs/quick/
     python basic_unet_segmentation.py --predict my_photo.png   # segment your own image
 
 Everything is written to ``outputs/`` beside this script: ``best_model.pt``, ``metrics.json``
 and the figures ``training_curves.png``, ``predictions.png`` and ``augmentation.png``.
-Change a hyperparameter in the block at the top of the file and run again.
+Change a setting in the "Settings" cell below and run again. The "# %%" lines mark the cells of
+the chapter (editors such as VS Code show them as cells that run one at a time).
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU, matmul rate 251-299 GFLOP/s) the default run took 87 s (16 epochs)
-and ended with::
+On a 2-core CPU (no GPU) the default run took 95 s (16 epochs) and ended with::
 
     test split             U-Net  all background
     IoU background         0.991           0.829
     IoU object             0.958           0.000
     foreground IoU         0.958           0.000
     pixel accuracy         0.993           0.829
-
-On an NVIDIA H200 an earlier version of this script took 57 s (test foreground IoU 0.957).
 
 The all-background "model" scores 0.829 pixel accuracy and finds nothing: that is why we use IoU.
 
@@ -71,87 +69,44 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------------------------
-# Hyperparameters: edit these and run again.
+# %% Settings
+# ===============================================================================================
+# Edit these: the knobs you will want to turn, then run again.
 # data
 IMAGE_SIZE = 64  # pixels per side; shapes are drawn at this size (bigger = sharper but slower)
 NUM_IMAGES = 1400  # split 70/15/15 into train / val / test (980 / 210 / 210)
 MAX_SHAPES = 3  # each image holds 1..MAX_SHAPES shapes, which may overlap
-NOISE_STD = (0.02, 0.08)  # per-image Gaussian pixel noise, drawn from this range
-MIN_CONTRAST = 0.3  # least RGB distance from a shape to any background colour (0: shapes may
-# vanish; keep it below 0.8: no colour is farther than sqrt(3)/2 ~ 0.87 from mid-grey)
-SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train / val / test
+MIN_CONTRAST = 0.3  # least RGB distance from a shape to any background color (0: shapes may
+# vanish; keep it below 0.8: no color is farther than sqrt(3)/2 ~ 0.87 from mid-grey)
 AUGMENT = True  # paired flips, quarter turns and small affine warps (train split only)
-AFFINE_PROBABILITY = 0.3  # share of images warped: the warp is the slowest step (~1 ms an image)
 # model
 BASE_CHANNELS = 8  # channels of the first level; each level down doubles them (16: 4x compute)
 DEPTH = 4  # number of 2x down-samplings: receptive field vs. compute (64 px -> 4 px at depth 4)
 BILINEAR = False  # upsample with bilinear + 1x1 conv instead of a learned transposed convolution
 # training
-EPOCHS = 16  # upper bound; early stopping may end sooner (16 keeps the run under 3 minutes)
+EPOCHS = 16  # upper bound; early stopping may end sooner (16 keeps the run under 2 minutes)
 BATCH_SIZE = 8  # small batches: more updates per epoch, which helps more than big ones here
 LEARNING_RATE = 3e-3  # AdamW's step size at the start; cosine decay brings it to ~0 at the end
-WEIGHT_DECAY = 1e-4  # mild regularisation: shrinks weights a little every step
 PATIENCE = 5  # stop when validation foreground IoU has not improved for this many epochs
 # system
 SEED = 0  # same seed -> same data, same initial weights, same curves
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
+OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
+# -----------------------------------------------------------------------------------------------
+# Advanced settings: defaults that rarely need a change.
+NOISE_STD = (0.02, 0.08)  # per-image Gaussian pixel noise, drawn from this range
+SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train / val / test
+AFFINE_PROBABILITY = 0.3  # share of images warped: the warp is the slowest augmentation step
+WEIGHT_DECAY = 1e-4  # mild regularisation: shrinks weights a little every step
 NUM_WORKERS = "auto"  # DataLoader processes: "auto" = 0 on a CPU (a worker would compete with
 # training for the same cores), min(8, cores - 1) with CUDA; or a number
-OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
 # --quick: a tiny configuration that runs in seconds, to check that everything works
 QUICK = dict(IMAGE_SIZE=32, NUM_IMAGES=80, BASE_CHANNELS=8, DEPTH=2, EPOCHS=2, PATIENCE=2)
-# -----------------------------------------------------------------------------------------------
-
 CLASS_NAMES = ("background", "object")  # class index -> name; index 1 is the foreground
 IGNORE_INDEX = 255  # label the loss and the metrics skip; none here, VOC (Example 2) marks outlines
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch so that a run can be repeated exactly."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds CUDA and MPS
-
-
-def pick_device(name: str) -> torch.device:
-    """Return the device named by DEVICE; "auto" prefers CUDA, then Apple MPS, then the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_num_workers(setting) -> int:
-    """DataLoader worker processes: "auto" = 0 on a CPU-only machine, min(8, cores - 1) with CUDA.
-
-    On a CPU the workers would compete with the model for the same cores; a GPU finishes a batch
-    faster than one process decodes the next one's JPEGs, so there the workers pay off.
-    """
-    if setting != "auto":
-        return int(setting)
-    if not torch.cuda.is_available():
-        return 0
-    return max(1, min(8, (os.cpu_count() or 1) - 1))
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """How image-like tensors are laid out in memory: channels-last on CUDA, the default elsewhere.
-
-    channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
-    order in which NVIDIA's tensor cores convolve fastest, above all in mixed precision (on an
-    H200 this U-Net's training step was 10% faster in it). On a 2-core CPU it changed the step by
-    -1% to +24% from run to run (7% faster when we alternated the two): a small, unsteady gain,
-    so there we keep the default layout. benchmarks/benchmark.py measures both layouts.
-    """
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-# ===============================================================================================
-# 1. Data: synthetic shapes, drawn by the script
+# %% 1. Data: synthetic shapes, drawn by the script
 # ===============================================================================================
 # Real segmentation datasets are large downloads; to learn the mechanics we draw our own. Each
 # image is a background (a colour gradient or a texture) with 1..MAX_SHAPES shapes (circle,
@@ -162,7 +117,7 @@ def memory_format(device: torch.device) -> torch.memory_format:
 # so the train / val / test split is just a split of indices and never leaks.
 
 
-def random_colour(rng: np.random.Generator) -> np.ndarray:
+def random_color(rng: np.random.Generator) -> np.ndarray:
     """One RGB colour in [0, 1]^3, shape (3,)."""
     return rng.uniform(0.0, 1.0, size=3).astype(np.float32)
 
@@ -180,7 +135,7 @@ def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
         t = 0.5 + 0.5 * np.sin(2 * np.pi * frequency * along)
         if rng.random() < 0.5:
             t = t * (0.5 + 0.5 * np.sin(2 * np.pi * frequency * across))
-    c0, c1 = random_colour(rng), random_colour(rng)
+    c0, c1 = random_color(rng), random_color(rng)
     return c0 + (c1 - c0) * t[..., None]  # (H, W, 1) broadcasts against (3,) -> (H, W, 3)
 
 
@@ -200,7 +155,8 @@ def shape_mask(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     if kind == "rectangle":
         return (np.abs(u) <= radius) & (np.abs(v) <= radius * rng.uniform(0.5, 1.0))
     # triangle: corners roughly a third of a turn apart, so no triangle is a thin sliver
-    corners = rng.uniform(0, 2 * np.pi) + np.array([0, 2, 4]) * np.pi / 3 + rng.uniform(-0.3, 0.3, 3)
+    first_corner = rng.uniform(0, 2 * np.pi)
+    corners = first_corner + np.array([0, 2, 4]) * np.pi / 3 + rng.uniform(-0.3, 0.3, 3)
     px, py = cx + radius * 1.3 * np.cos(corners), cy + radius * 1.3 * np.sin(corners)
     # a point is inside when it lies on the same side of all three edges
     sides = [
@@ -215,21 +171,22 @@ def shape_mask(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
 def generate_sample(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Draw sample `index` of the dataset with this seed.
 
-    Returns (image, mask): image float32 (3, size, size) in [0, 1], mask int64 (size, size) in {0, 1}.
+    Returns (image, mask): image float32 (3, size, size) in [0, 1], mask int64 (size, size) with
+    values in {0, 1}.
     """
     rng = np.random.default_rng([seed, index])  # one independent stream per (seed, index)
     image = make_background(rng, size)  # (H, W, 3)
-    background_colours = image.reshape(-1, 3).copy()  # (H * W, 3): every colour in the background
+    background_colors = image.reshape(-1, 3).copy()  # (H * W, 3): every colour in the background
     mask = np.zeros((size, size), dtype=bool)
     for _ in range(rng.integers(1, MAX_SHAPES + 1)):
         inside = shape_mask(rng, rng.choice(["circle", "ellipse", "rectangle", "triangle"]), size)
         # Keep every shape visible: redraw its colour until it is far from all background colours
         # (at most 1000 draws, so an impossible MIN_CONTRAST cannot hang the script).
         for _ in range(1000):
-            colour = random_colour(rng)
-            if np.linalg.norm(background_colours - colour, axis=1).min() >= MIN_CONTRAST:
+            color = random_color(rng)
+            if np.linalg.norm(background_colors - color, axis=1).min() >= MIN_CONTRAST:
                 break
-        image[inside] = colour  # later shapes cover earlier ones; the mask is their union
+        image[inside] = color  # later shapes cover earlier ones; the mask is their union
         mask |= inside
     image = image + rng.normal(0.0, rng.uniform(*NOISE_STD), size=image.shape)
     image = np.clip(image, 0.0, 1.0).astype(np.float32).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
@@ -237,7 +194,7 @@ def generate_sample(seed: int, index: int, size: int) -> tuple[np.ndarray, np.nd
 
 
 def split_indices(num_images: int, seed: int) -> dict[str, np.ndarray]:
-    """Shuffle 0..num_images-1 with the seed and cut it into train / val / test by SPLIT_FRACTIONS."""
+    """Shuffle 0..num_images-1 with the seed; cut it into train / val / test by SPLIT_FRACTIONS."""
     order = np.random.default_rng(seed).permutation(num_images)
     n_train = int(round(SPLIT_FRACTIONS[0] * num_images))
     n_val = int(round(SPLIT_FRACTIONS[1] * num_images))
@@ -367,8 +324,31 @@ def build_loaders(seed: int) -> dict[str, DataLoader]:
     return loaders
 
 
-# ===============================================================================================
-# 2. Model: U-Net
+# Check the pairing with your own eyes: augmentation.png shows one training image and five
+# augmented copies above their masks. Every mask must have moved exactly as its image did.
+
+
+def plot_augmentation(dataset: ShapesDataset, path: Path, copies: int = 5) -> None:
+    """One training image and its mask, then `copies` random paired augmentations of them."""
+    transform = build_train_transform()
+    image, mask = dataset.images[0], dataset.masks[0]
+    pairs = [(image, mask)] + [
+        transform(tv_tensors.Image(image), tv_tensors.Mask(mask)) for _ in range(copies)
+    ]
+    fig, axes = plt.subplots(2, len(pairs), figsize=(2 * len(pairs), 4.2))
+    for col, (img, msk) in enumerate(pairs):
+        axes[0, col].imshow(img.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3) for imshow
+        axes[1, col].imshow(msk.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[0, col].set_title("original" if col == 0 else f"augmented {col}", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Paired augmentation: the mask (bottom) moves with the image (top)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# %% 2. Model: U-Net
 # ===============================================================================================
 # The U-Net (Ronneberger et al., 2015) has two halves. The encoder repeats "two 3x3 convolutions,
 # then halve the resolution": each level sees a larger region but knows less about *where*
@@ -382,10 +362,10 @@ def build_loaders(seed: int) -> dict[str, DataLoader]:
 # smaller than its input (572 px) and the skips had to be cropped.
 #
 # Channels with the defaults (BASE_CHANNELS = 8, DEPTH = 4), for a 64 x 64 input:
-#   3 x 64x64 -> DoubleConv 8 ----------------------------------- concat 16 -> DoubleConv 8 -> 1x1 -> 2
-#                 Down 16 x 32x32 ---------------------- concat 32 -> DoubleConv 16 -> Up
-#                   Down 32 x 16x16 ------------- concat 64 -> DoubleConv 32 -> Up
-#                     Down 64 x 8x8 ------ concat 128 -> DoubleConv 64 -> Up
+#   3 x 64x64 -> DoubleConv 8 ------------------------ concat 16 -> DoubleConv 8 -> 1x1 -> 2
+#                 Down 16 x 32x32 ------------- concat 32 -> DoubleConv 16 -> Up
+#                   Down 32 x 16x16 ------ concat 64 -> DoubleConv 32 -> Up
+#                     Down 64 x 8x8 - concat 128 -> DoubleConv 64 -> Up
 #                       Down 128 x 4x4 (bottleneck) -> Up
 
 
@@ -405,7 +385,7 @@ class DoubleConv(nn.Sequential):
 
 
 class Down(nn.Sequential):
-    """Halve H and W with 2x2 max pooling, then DoubleConv: (N, C_in, H, W) -> (N, C_out, H//2, W//2)."""
+    """Halve H and W (2x2 max pooling), then DoubleConv: (N, C_in, H, W) -> (N, C_out, H/2, W/2)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
@@ -414,7 +394,8 @@ class Down(nn.Sequential):
 class Up(nn.Module):
     """Double H and W, concatenate the skip features, then DoubleConv.
 
-    (N, C_in, h, w) and skip (N, C_in // 2, H, W) -> (N, C_out, H, W), where H, W = 2h, 2w or one more.
+    (N, C_in, h, w) and skip (N, C_in // 2, H, W) -> (N, C_out, H, W), where H and W are 2h and
+    2w, or one more.
     """
 
     def __init__(self, in_channels: int, out_channels: int, bilinear: bool):
@@ -465,13 +446,18 @@ class UNet(nn.Module):
         return self.outc(x)  # (N, num_classes, H, W): raw scores (logits), no softmax here
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def model_config() -> dict:
+    """The constants that define the network, saved in the checkpoint to rebuild it later."""
+    return dict(
+        in_channels=3,
+        num_classes=len(CLASS_NAMES),
+        base_channels=BASE_CHANNELS,
+        depth=DEPTH,
+        bilinear=BILINEAR,
+    )
 
 
-# ===============================================================================================
-# 3. Loss and metrics
+# %% 3. Loss and metrics
 # ===============================================================================================
 # Loss. Segmentation is classification at every pixel, so the loss is cross-entropy at every
 # pixel, averaged. nn.CrossEntropyLoss accepts logits (N, C, H, W) and integer labels (N, H, W)
@@ -490,20 +476,18 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts (num_classes, num_classes): row = true class, column = predicted class.
+    """Counts (C, C): row = true class, column = predicted; target pixels outside [0, C) skipped.
 
-    pred and target are integer tensors of the same shape; target pixels outside
-    [0, num_classes) (IGNORE_INDEX) are skipped.
+    pred and target are integer tensors of the same shape (N x H x W); IGNORE_INDEX (255) lies
+    outside [0, C), so ignored pixels are never counted.
     """
     valid = (target >= 0) & (target < num_classes)
-    # Each (true, predicted) pair gets one bin: index = num_classes * true + predicted.
-    bins = num_classes * target[valid].long() + pred[valid].long()
-    counts = torch.bincount(bins, minlength=num_classes**2)
-    return counts.reshape(num_classes, num_classes)  # (C*C,) -> (C, C)
+    bins = num_classes * target[valid].long() + pred[valid].long()  # one bin per (true, pred) pair
+    return torch.bincount(bins, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def metrics_from_confusion(confusion: torch.Tensor) -> dict:
-    """IoU per class (NaN if a class is absent from prediction and truth), mean IoU, pixel accuracy."""
+    """IoU per class (NaN if absent from prediction and truth), mean IoU and pixel accuracy."""
     confusion = confusion.double()
     true_positive = confusion.diag()
     union = confusion.sum(dim=0) + confusion.sum(dim=1) - true_positive  # TP + FP + FN
@@ -516,32 +500,16 @@ def metrics_from_confusion(confusion: torch.Tensor) -> dict:
     }
 
 
-# ===============================================================================================
-# 4. Training
+# %% 4. Training
 # ===============================================================================================
 # One epoch = one pass over the training images. After each epoch we measure the validation
 # split; the weights with the best validation foreground IoU are saved (atomically: written to a
-# temporary file, then renamed, so a crash mid-write never leaves a corrupt checkpoint). If the
-# validation IoU stops improving for PATIENCE epochs we stop early. Ctrl-C also stops cleanly:
-# the best checkpoint is already on disk and the script goes on to evaluate it.
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: the file at `path` is always complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)  # atomic on POSIX and Windows
-
-
-def autocast(device: torch.device):
-    """Mixed precision on CUDA (float16 matmuls, float32 where it matters); a no-op elsewhere.
-
-    CPUs gain little from it here, and older PyTorch builds have no autocast for Apple MPS.
-    """
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+# temporary file, then renamed, so a crash mid-write never leaves a corrupt checkpoint; see
+# save_checkpoint in the plumbing appendix). If the validation IoU stops improving for PATIENCE
+# epochs we stop early. Ctrl-C also stops cleanly: the best checkpoint is already on disk and the
+# script goes on to evaluate it. fit() is the loop; the functions before it are its steps.
+# On CUDA, autocast (plumbing appendix) runs the network in float16 where that is safe, and the
+# GradScaler multiplies the loss so that small float16 gradients do not round to zero.
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, epoch) -> float:
@@ -587,29 +555,48 @@ def evaluate(model, loader, loss_fn, device) -> tuple[float, torch.Tensor]:
     return total / count, confusion
 
 
-def model_config() -> dict:
-    """The constants that define the network, saved in the checkpoint to rebuild it later."""
-    return dict(
-        in_channels=3,
-        num_classes=len(CLASS_NAMES),
-        base_channels=BASE_CHANNELS,
-        depth=DEPTH,
-        bilinear=BILINEAR,
-    )
+def build_optimizer(model: nn.Module, device: torch.device, steps: int):
+    """AdamW whose learning rate decays along a cosine over `steps` batches, and a GradScaler.
 
-
-def fit(model, loaders, device, checkpoint_path: Path) -> list[dict]:
-    """Train with validation every epoch, early stopping and a best checkpoint; returns the history."""
-    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)  # takes logits, applies log-softmax
+    Returns (optimizer, scheduler, scaler); the scaler only acts on CUDA, with float16.
+    """
     # fused=True: one kernel updates all weights at once instead of ~10 small operations per
-    # weight tensor (same maths; about 5% faster training steps here). CPU and CUDA have it.
+    # weight tensor (same maths, a little faster). CPU and CUDA have it.
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=device.type in ("cpu", "cuda")
+        model.parameters(),
+        lr=LEARNING_RATE,
+        weight_decay=WEIGHT_DECAY,
+        fused=device.type in ("cpu", "cuda"),
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=EPOCHS * len(loaders["train"])
-    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    return optimizer, scheduler, scaler
+
+
+def validate_and_checkpoint(model, loader, loss_fn, device, epoch, best_iou, checkpoint_path):
+    """Score the validation split; save the weights when they beat `best_iou`.
+
+    Returns (val_loss, val_iou, improved). The checkpoint holds the model's config too, so that
+    load_model can rebuild the network even after the settings at the top have changed.
+    """
+    val_loss, confusion = evaluate(model, loader, loss_fn, device)
+    val_iou = metrics_from_confusion(confusion)["foreground_iou"]
+    improved = val_iou > best_iou
+    if improved:
+        state = dict(
+            model_state=model.state_dict(),
+            config=model_config(),
+            image_size=IMAGE_SIZE,
+            epoch=epoch,
+            val_foreground_iou=val_iou,
+        )
+        save_checkpoint(state, checkpoint_path)
+    return val_loss, val_iou, improved
+
+
+def fit(model, loaders, loss_fn, device, checkpoint_path: Path) -> list[dict]:
+    """Train with validation every epoch, early stopping and a best checkpoint; returns history."""
+    optimizer, scheduler, scaler = build_optimizer(model, device, EPOCHS * len(loaders["train"]))
     checkpoint_path.unlink(missing_ok=True)  # an earlier run's model must not pass for this one's
     history, best_iou, epochs_without_improvement = [], -1.0, 0
     try:
@@ -618,31 +605,29 @@ def fit(model, loaders, device, checkpoint_path: Path) -> list[dict]:
             train_loss = train_one_epoch(
                 model, loaders["train"], loss_fn, optimizer, scheduler, scaler, device, epoch
             )
-            val_loss, confusion = evaluate(model, loaders["val"], loss_fn, device)
-            val_iou = metrics_from_confusion(confusion)["foreground_iou"]
-            history.append(
-                dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_foreground_iou=val_iou)
+            val_loss, val_iou, improved = validate_and_checkpoint(
+                model, loaders["val"], loss_fn, device, epoch, best_iou, checkpoint_path
             )
-            improved = val_iou > best_iou
+            history.append(
+                dict(
+                    epoch=epoch,
+                    train_loss=train_loss,
+                    val_loss=val_loss,
+                    val_foreground_iou=val_iou,
+                )
+            )
             if improved:
                 best_iou, epochs_without_improvement = val_iou, 0
-                save_checkpoint(
-                    dict(
-                        model_state=model.state_dict(),
-                        config=model_config(),
-                        image_size=IMAGE_SIZE,
-                        epoch=epoch,
-                        val_foreground_iou=val_iou,
-                    ),
-                    checkpoint_path,
-                )
             else:
                 epochs_without_improvement += 1
+            seconds = time.perf_counter() - start
             print(
                 f"epoch {epoch:2d}/{EPOCHS} | train loss {train_loss:.4f} | val loss {val_loss:.4f}"
                 f" | val foreground IoU {val_iou:.4f}{' (best, saved)' if improved else ''}"
-                f" | {time.perf_counter() - start:.1f} s"
+                f" | {seconds:.1f} s"
             )
+            if epoch == 1:  # every epoch costs about the same: the first one tells the rest
+                print_eta(seconds, 1, EPOCHS)
             if epochs_without_improvement >= PATIENCE:
                 print(f"early stopping: no improvement for {PATIENCE} epochs")
                 break
@@ -651,8 +636,7 @@ def fit(model, loaders, device, checkpoint_path: Path) -> list[dict]:
     return history
 
 
-# ===============================================================================================
-# 5. Evaluation
+# %% 5. Evaluation
 # ===============================================================================================
 # The test split is touched once, at the very end, with the checkpoint that validation chose.
 # Next to the model we score a "model" that answers background everywhere: objects cover about a
@@ -688,29 +672,34 @@ def print_results(test: dict, baseline: dict) -> None:
         print(f"{label:<18}{ours:>10.3f}{theirs:>16.3f}")
 
 
-# ===============================================================================================
-# 6. Visualization
-# ===============================================================================================
+def evaluate_best_checkpoint(checkpoint_path: Path, loader, loss_fn, device) -> tuple[UNet, dict]:
+    """Score the checkpoint that validation chose, and the all-background baseline, on `loader`.
+
+    Prints the comparison table; returns (model, results) with the keys "test",
+    "all_background_baseline" and "best_epoch".
+    """
+    if not checkpoint_path.is_file():
+        raise SystemExit("error: training stopped before the first epoch ended: nothing to test")
+    model, checkpoint = load_model(checkpoint_path, device)
+    test_loss, confusion = evaluate(model, loader, loss_fn, device)
+    test = metrics_from_confusion(confusion)
+    baseline = metrics_from_confusion(all_background_confusion(loader))
+    best_epoch, best_iou = checkpoint["epoch"], checkpoint["val_foreground_iou"]
+    print(f"best checkpoint: epoch {best_epoch} (val foreground IoU {best_iou:.4f})")
+    print_results(test, baseline)
+    results = {
+        "test": dict(test, loss=test_loss),
+        "all_background_baseline": baseline,
+        "best_epoch": best_epoch,
+    }
+    return model, results
 
 
-def plot_augmentation(dataset: ShapesDataset, path: Path, copies: int = 5) -> None:
-    """One training image and its mask, then `copies` random paired augmentations of them."""
-    transform = build_train_transform()
-    image, mask = dataset.images[0], dataset.masks[0]
-    pairs = [(image, mask)] + [
-        transform(tv_tensors.Image(image), tv_tensors.Mask(mask)) for _ in range(copies)
-    ]
-    fig, axes = plt.subplots(2, len(pairs), figsize=(2 * len(pairs), 4.2))
-    for col, (img, msk) in enumerate(pairs):
-        axes[0, col].imshow(img.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3) for imshow
-        axes[1, col].imshow(msk.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[0, col].set_title("original" if col == 0 else f"augmented {col}", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle("Paired augmentation: the mask (bottom) moves with the image (top)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+# %% 6. Visualization
+# ===============================================================================================
+# Numbers say how well; pictures say where. The training curves show whether the model still
+# learns or has begun to overfit; the prediction grid shows which pixels it gets wrong (mostly
+# on outlines). The augmentation figure belongs to the data, so section 1 draws it.
 
 
 def plot_training_curves(history: list[dict], path: Path) -> None:
@@ -764,8 +753,7 @@ def plot_predictions(model, dataset: ShapesDataset, device, path: Path, rows: in
     plt.close(fig)
 
 
-# ===============================================================================================
-# 7. Your own image: --predict
+# %% 7. Your own image: --predict
 # ===============================================================================================
 # The network was trained on IMAGE_SIZE x IMAGE_SIZE pictures, so we resize a photo to that size
 # (a non-square photo gets squashed, like looking at it through a stretched lens), predict, and
@@ -775,7 +763,7 @@ def plot_predictions(model, dataset: ShapesDataset, device, path: Path, rows: in
 
 
 def read_image(image_path: Path) -> np.ndarray:
-    """Any image file Pillow reads -> float32 RGB array (H, W, 3) in [0, 1]; one-line error if not."""
+    """Any image file Pillow reads -> float32 RGB (H, W, 3) in [0, 1]; a one-line error if not."""
     if not image_path.is_file():
         raise SystemExit(f"error: no such image file: {image_path}")
     try:
@@ -797,7 +785,8 @@ def predict_image(image_path: Path, checkpoint_path: Path, device: torch.device)
     if not checkpoint_path.is_file():
         raise SystemExit(
             f"error: no trained model at {checkpoint_path}; "
-            "train one first: python basic_unet_segmentation.py (a --quick run's model: --quick --predict)"
+            "train one first: python basic_unet_segmentation.py "
+            "(a --quick run's model: --quick --predict)"
         )
     model, checkpoint = load_model(checkpoint_path, device)
     size = checkpoint["image_size"]
@@ -816,88 +805,190 @@ def predict_image(image_path: Path, checkpoint_path: Path, device: torch.device)
     return out_path
 
 
+# %% 8. Putting it together
 # ===============================================================================================
-# 8. Putting it together
-# ===============================================================================================
+# main() below is the chapter in one screen: one call per section, in order. The two helpers
+# before it read the command line and write the results.
 
 
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Train, evaluate and visualize (or, with --predict, segment one image); returns the metrics."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Read --quick and --predict; --quick swaps in the QUICK settings for this run only."""
     parser = argparse.ArgumentParser(description="U-Net from scratch on synthetic shapes.")
     parser.add_argument("--quick", action="store_true", help="tiny run in seconds (set-up check)")
     parser.add_argument("--predict", metavar="IMAGE", type=Path, help="segment your own image")
     args = parser.parse_args(argv)
     if args.quick:
-        # Replace the constants above for this run only, and keep its files in outputs/quick/
+        # Replace the settings at the top for this run only, and keep its files in outputs/quick/
         # so that a set-up check never overwrites the model of a real run.
         globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
+    return args
+
+
+def write_metrics(results: dict, history: list[dict], model, device, start: float) -> dict:
+    """Add the training history, size and time to `results`, write metrics.json, print a line."""
+    total_seconds = time.perf_counter() - start
+    metrics = dict(
+        results,
+        epochs_run=len(history),
+        history=history,
+        parameters=count_parameters(model),
+        total_seconds=round(total_seconds, 1),
+        device=str(device),
+    )
+    write_json(metrics, OUTPUT_DIR / "metrics.json")
+    test = results["test"]
+    print(
+        f"\ntest foreground IoU {test['foreground_iou']:.3f} | pixel accuracy "
+        f"{test['pixel_accuracy']:.3f} | total {total_seconds:.0f} s | outputs in {OUTPUT_DIR}"
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train, evaluate and draw (or, with --predict, segment one image); returns the metrics."""
+    args = parse_args(argv)
     device = pick_device(DEVICE)
     # cuDNN tries its convolution algorithms on the first batch of each shape and keeps the
     # fastest: worth it here, where every batch has the same shape (no effect on a CPU).
     torch.backends.cudnn.benchmark = True
     checkpoint_path = OUTPUT_DIR / "best_model.pt"
-    if args.predict is not None:  # `--quick --predict IMAGE` uses the quick run's model
+    if args.predict is not None:  # your own image (section 7); --quick: the quick run's model
         return {"overlay": str(predict_image(args.predict, checkpoint_path, device))}
 
     start = time.perf_counter()
     seed_everything(SEED)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
-    print(f"device: {device} | images: {NUM_IMAGES} of {IMAGE_SIZE}x{IMAGE_SIZE} | outputs: {OUTPUT_DIR}")
-
-    # 1. data
+    print(
+        f"device: {device} | images: {NUM_IMAGES} of {IMAGE_SIZE}x{IMAGE_SIZE} | outputs: "
+        f"{OUTPUT_DIR}"
+    )
+    # 1. Data: synthetic shapes, and a figure of their paired augmentation
     loaders = build_loaders(SEED)
     print(", ".join(f"{split}: {len(loader.dataset)} images" for split, loader in loaders.items()))
     plot_augmentation(loaders["train"].dataset, OUTPUT_DIR / "augmentation.png")
-
-    # 2. model
+    # 2. Model: a U-Net, built from the settings at the top
     model = UNet(**model_config()).to(device, memory_format=memory_format(device))
-    print(f"U-Net with depth {DEPTH}, base width {BASE_CHANNELS}: {count_parameters(model):,} parameters")
-
-    # 3 and 4. loss, metrics and training (fit builds the loss; it measures IoU every epoch)
-    history = fit(model, loaders, device, checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise SystemExit("error: training stopped before the first epoch ended; nothing to evaluate")
-    plot_training_curves(history, OUTPUT_DIR / "training_curves.png")
-
-    # 5. evaluation: the best checkpoint, on the test split, once
-    model, checkpoint = load_model(checkpoint_path, device)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    test_loss, confusion = evaluate(model, loaders["test"], loss_fn, device)
-    test = metrics_from_confusion(confusion)
-    baseline = metrics_from_confusion(all_background_confusion(loaders["test"]))
-    best_epoch, best_iou = checkpoint["epoch"], checkpoint["val_foreground_iou"]
-    print(f"best checkpoint: epoch {best_epoch} (val foreground IoU {best_iou:.4f})")
-    print_results(test, baseline)
-
-    # 6. figures
-    plot_predictions(model, loaders["test"].dataset, device, OUTPUT_DIR / "predictions.png")
-
-    total_seconds = time.perf_counter() - start
-    metrics = {
-        "test": dict(test, loss=test_loss),
-        "all_background_baseline": baseline,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "history": history,
-        "parameters": count_parameters(model),
-        "total_seconds": round(total_seconds, 1),
-        "device": str(device),
-    }
-    write_json(metrics, OUTPUT_DIR / "metrics.json")
     print(
-        f"\ntest foreground IoU {test['foreground_iou']:.3f} | pixel accuracy "
-        f"{test['pixel_accuracy']:.3f} | total {total_seconds:.0f} s | outputs in {OUTPUT_DIR}"
+        f"U-Net with depth {DEPTH}, base width {BASE_CHANNELS}: "
+        f"{count_parameters(model):,} parameters"
     )
+    # 3. Loss: cross-entropy at every pixel (the metrics count a confusion matrix in 4 and 5)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)  # takes logits, applies log-softmax
+    # 4. Training: validation every epoch, the best weights saved to checkpoint_path
+    history = fit(model, loaders, loss_fn, device, checkpoint_path)
+    # 5. Evaluation: the best checkpoint, on the test split, once
+    model, results = evaluate_best_checkpoint(checkpoint_path, loaders["test"], loss_fn, device)
+    # 6. Visualization: training curves, and predictions with their errors
+    plot_training_curves(history, OUTPUT_DIR / "training_curves.png")
+    plot_predictions(model, loaders["test"].dataset, device, OUTPUT_DIR / "predictions.png")
+    # 8. Putting it together: metrics.json and a one-line summary
+    metrics = write_metrics(results, history, model, device, start)
     if args.quick:
-        print("(--quick only checks the set-up: too short to learn; run without it for real results)")
+        print("(--quick only checks the set-up: too short to learn; run without it for results)")
     return metrics
+
+
+# %% Appendix: plumbing
+# ===============================================================================================
+# Device choice, seeding, memory layout, mixed precision, atomic saves and JSON: the same helpers
+# in every chapter, copied byte for byte (tests/test_chapters.py compares the copies), so that a
+# diff between two chapters shows only the new idea. Nothing here is about segmentation.
+
+
+def pick_device(name: str) -> torch.device:
+    """Return the device named by DEVICE; "auto" prefers CUDA, then Apple MPS, then the CPU.
+
+    Under torchrun (Example 2) every process takes the GPU numbered by its LOCAL_RANK.
+    """
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_num_workers(setting) -> int:
+    """DataLoader worker processes: "auto" = 0 on a CPU-only machine, min(8, cores - 1) with CUDA.
+
+    On a CPU the workers would compete with the model for the same cores; a GPU finishes a batch
+    faster than one process decodes the next one's JPEGs, so there the workers pay off.
+    """
+    if setting != "auto":
+        return int(setting)
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch so that a run can be repeated exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA and MPS
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """How image-like tensors are laid out in memory: channels-last on CUDA, the default elsewhere.
+
+    channels_last keeps the shape N x C x H x W but stores the numbers as N x H x W x C, the
+    order in which NVIDIA's tensor cores convolve fastest. On a CPU it brings no steady gain, so
+    there we keep the default layout (benchmarks/README.md has the measurements).
+    """
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (float16 matmuls, float32 where it matters); a no-op elsewhere.
+
+    CPUs gain little from it here, and older PyTorch builds have no autocast for Apple MPS.
+    """
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, trainable or frozen (weights and biases; buffers are not counted)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def print_eta(seconds_so_far: float, steps_done: int, steps_total: int) -> str:
+    """Print (and return) one line: the time left if the remaining steps run at the rate so far."""
+    minutes = seconds_so_far / max(steps_done, 1) * (steps_total - steps_done) / 60
+    shown = f"{minutes:.0f}" if minutes >= 1 else f"{minutes:.1f}"  # "4", or "0.3" when short
+    line = f"estimated time to the end of training: about {shown} min"
+    print(line)
+    return line
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: the file at `path` is always complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def jsonable(value):
+    """Plain JSON types: NaN -> None (null), numpy numbers -> float / int, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write JSON atomically (temporary file, then rename); NaN (undefined scores) becomes null."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False))
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

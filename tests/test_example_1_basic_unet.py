@@ -6,11 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import load_script, run_script
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-
-from conftest import load_script, run_script
 
 SCRIPT = "example_1_basic_unet/basic_unet_segmentation.py"
 ex1 = load_script(SCRIPT)
@@ -174,7 +173,7 @@ def test_dataset_standardizes_then_transforms_image_and_mask_together():
     flip = v2.RandomHorizontalFlip(p=1.0)
     dataset = ex1.ShapesDataset(np.arange(4), seed=0, size=32, transform=flip)
     image, mask = dataset[1]
-    assert type(image) is torch.Tensor and type(mask) is torch.Tensor  # plain tensors, not tv_tensors
+    assert type(image) is torch.Tensor and type(mask) is torch.Tensor  # plain, not tv_tensors
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert mask.shape == (32, 32) and mask.dtype == torch.int64
     assert torch.allclose(image, ex1.standardize(dataset.images[1]).flip(-1))
@@ -240,7 +239,7 @@ def test_confusion_matrix_skips_ignore_index_and_adds_over_batches():
     target = torch.tensor([[1, 255, 0, 1], [0, 1, 255, 0]])
     confusion = ex1.confusion_matrix(pred, target, 2)
     assert confusion.tolist() == [[2, 1], [1, 2]]  # rows: truth, columns: prediction
-    per_row = ex1.confusion_matrix(pred[0], target[0], 2) + ex1.confusion_matrix(pred[1], target[1], 2)
+    per_row = sum(ex1.confusion_matrix(pred[i], target[i], 2) for i in range(2))
     assert torch.equal(per_row, confusion)
 
 
@@ -256,6 +255,10 @@ def test_all_background_predictor_has_high_accuracy_and_zero_iou():
 # ----------------------------------------------------------------------------------------------
 # Training loop behaviour
 # ----------------------------------------------------------------------------------------------
+
+
+_CPU = torch.device("cpu")
+_LOSS = torch.nn.CrossEntropyLoss(ignore_index=ex1.IGNORE_INDEX)  # what main() hands to fit
 
 
 def _tiny_loaders(isolated):
@@ -323,22 +326,24 @@ def test_ctrl_c_keeps_the_best_checkpoint(isolated, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ex1, "train_one_epoch", train_then_interrupt)
     checkpoint = tmp_path / "best.pt"
-    history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, torch.device("cpu"), checkpoint)
+    history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, _LOSS, _CPU, checkpoint)
     assert [h["epoch"] for h in history] == [1]
     model, saved = ex1.load_model(checkpoint, torch.device("cpu"))
     assert saved["epoch"] == 1 and not checkpoint.with_name("best.pt.tmp").exists()
 
 
-def test_early_stopping_after_patience_epochs(isolated, tmp_path, monkeypatch):
+def test_early_stopping_after_patience_epochs(isolated, tmp_path, monkeypatch, capsys):
     loaders = _tiny_loaders(isolated)
     isolated(ex1, EPOCHS=10, PATIENCE=2)
     monkeypatch.setattr(ex1, "train_one_epoch", lambda *args: 0.5)
     flat = torch.tensor([[5, 1], [1, 5]])  # the same validation score every epoch
     monkeypatch.setattr(ex1, "evaluate", lambda *args: (0.5, flat))
     checkpoint = tmp_path / "b.pt"
-    history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, torch.device("cpu"), checkpoint)
+    history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, _LOSS, _CPU, checkpoint)
     assert len(history) == 3  # epoch 1 is the best, epochs 2 and 3 do not improve
     assert ex1.load_model(checkpoint, torch.device("cpu"))[1]["epoch"] == 1
+    # one time estimate, after the first epoch, not one per epoch
+    assert capsys.readouterr().out.count("estimated time to the end of training") == 1
 
 
 def test_a_checkpoint_from_an_earlier_run_is_not_reused(isolated, tmp_path, monkeypatch):
@@ -350,8 +355,38 @@ def test_a_checkpoint_from_an_earlier_run_is_not_reused(isolated, tmp_path, monk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ex1, "train_one_epoch", interrupt)
-    assert ex1.fit(ex1.UNet(**ex1.model_config()), loaders, torch.device("cpu"), checkpoint) == []
+    assert ex1.fit(ex1.UNet(**ex1.model_config()), loaders, _LOSS, _CPU, checkpoint) == []
     assert not checkpoint.exists()
+
+
+def test_evaluation_without_a_checkpoint_is_a_clear_error(tmp_path):
+    # Ctrl-C during the first epoch leaves no checkpoint: one line, not a traceback from torch.load
+    with pytest.raises(SystemExit, match="before the first epoch ended"):
+        ex1.evaluate_best_checkpoint(tmp_path / "none.pt", [], _LOSS, _CPU)
+
+
+def test_eta_extrapolates_the_rate_so_far():
+    assert ex1.print_eta(30.0, 1, 5) == "estimated time to the end of training: about 2 min"
+    assert ex1.print_eta(6.0, 1, 4).endswith("about 0.3 min")  # 18 s left: one decimal
+    assert ex1.print_eta(6.0, 4, 4).endswith("about 0.0 min")  # done
+
+
+def test_metrics_json_is_strict_json_with_null_for_an_undefined_iou(tmp_path):
+    metrics = _metrics([0, 0, 0], [0, 0, 0])  # no object anywhere: its IoU is NaN
+    ex1.write_json({"test": metrics, "history": [(1, np.float32(0.5))]}, tmp_path / "m.json")
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text  # NaN is not JSON: strict readers (browsers, jq) reject it
+    saved = json.loads(text)
+    assert saved["test"]["foreground_iou"] is None
+    assert saved["test"]["mean_iou"] == 1.0 and saved["history"] == [[1, 0.5]]
+    assert not (tmp_path / "m.json.tmp").exists()
+
+
+def test_parameter_count_includes_frozen_parameters():
+    model = ex1.UNet(base_channels=4, depth=2)
+    total = ex1.count_parameters(model)
+    model.inc.requires_grad_(False)  # freezing a block does not make its weights disappear
+    assert ex1.count_parameters(model) == total > 0
 
 
 def test_short_training_run_learns(isolated, tmp_path):
@@ -435,7 +470,8 @@ def test_script_end_to_end_as_a_user_runs_it(tmp_path):
         assert (outputs / name).is_file(), name
     metrics = json.loads((outputs / "metrics.json").read_text())
     assert {"foreground_iou", "pixel_accuracy", "iou_per_class"} <= set(metrics["test"])
-    assert metrics["device"] == str(ex1.pick_device("auto")) and metrics["total_seconds"] > 0  # a GPU if any
+    assert metrics["device"] == str(ex1.pick_device("auto"))  # a GPU if there is one
+    assert metrics["total_seconds"] > 0
 
     photo = tmp_path / "my photo.png"
     rng = np.random.default_rng(0)
