@@ -52,6 +52,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +69,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
+
+# Files are read and written beside this script, whatever the working directory. A notebook
+# (the script opened cell by cell with jupytext) has no __file__: there, the working directory.
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 
 # %% Settings
 # ===============================================================================================
@@ -91,7 +96,7 @@ PATIENCE = 5  # stop when validation foreground IoU has not improved for this ma
 # system
 SEED = 0  # same seed -> same data, same initial weights, same curves
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
-OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
+OUTPUT_DIR = HERE / "outputs"  # checkpoints, metrics.json, figures
 # -----------------------------------------------------------------------------------------------
 # Advanced settings: defaults that rarely need a change.
 NOISE_STD = (0.02, 0.08)  # per-image Gaussian pixel noise, drawn from this range
@@ -816,6 +821,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="U-Net from scratch on synthetic shapes.")
     parser.add_argument("--quick", action="store_true", help="tiny run in seconds (set-up check)")
     parser.add_argument("--predict", metavar="IMAGE", type=Path, help="segment your own image")
+    # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
+    if argv is None and "ipykernel" in sys.modules:
+        argv = []
     args = parser.parse_args(argv)
     if args.quick:
         # Replace the settings at the top for this run only, and keep its files in outputs/quick/

@@ -83,6 +83,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import urllib.error
 from pathlib import Path
@@ -105,12 +106,16 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+# Files are read and written beside this script, whatever the working directory. A notebook
+# (the script opened cell by cell with jupytext) has no __file__: there, the working directory.
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+
 # %% Settings
 # ===============================================================================================
 # Edit these: the knobs you will want to turn, then run again.
 # data
 DATASET = "voc"  # "voc": a VOC-format folder (else synthetic, with a note); "folder"; "synthetic"
-DATA_ROOT = Path(__file__).resolve().parent / "data"  # where "voc" and "folder" look for data
+DATA_ROOT = HERE / "data"  # where "voc" and "folder" look for data
 DOWNLOAD_VOC = False  # True: fetch VOC 2012 trainval (2 GB) into DATA_ROOT when it is missing
 IMAGE_SIZE = 64  # synthetic image and training crop size (px)
 
@@ -174,7 +179,7 @@ CLASS_WEIGHTING = "sqrt"  # photos: loss weight ~ 1/sqrt(class pixel share) of t
 
 # system
 NUM_WORKERS = "auto"  # "auto": 0 on a CPU-only machine, min(8, cores - 1) with CUDA (JPEG decoding)
-OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
+OUTPUT_DIR = HERE / "outputs"  # checkpoints, metrics.json, figures
 
 # --quick: a tiny configuration that checks the set-up in seconds
 QUICK = dict(
@@ -1635,8 +1640,8 @@ def predict_image(image_path: str) -> dict:
     checkpoint_path = OUTPUT_DIR / "best_model.pt"
     if not checkpoint_path.is_file():
         raise SystemExit(
-            f"error: no trained model at {checkpoint_path}; run `python {Path(__file__).name}` "
-            "first (a --quick run's model: --quick --predict)"
+            f"error: no trained model at {checkpoint_path}; run `python "
+            "pretrained_segmentation.py` first (a --quick run's model: --quick --predict)"
         )
     image = load_image(Path(image_path))
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -1876,6 +1881,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrained encoders + DeepLabV3 / FPN.")
     parser.add_argument("--quick", action="store_true", help="tiny configuration, set-up check")
     parser.add_argument("--predict", metavar="IMAGE", help="segment IMAGE with best_model.pt")
+    # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
+    if argv is None and "ipykernel" in sys.modules:
+        argv = []
     args = parser.parse_args(argv)
     if args.quick:
         # Replace the constants above for this run only, and keep its files in outputs/quick/

@@ -95,6 +95,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,10 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage, stats
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from tqdm import tqdm
+
+# Files are read and written beside this script, whatever the working directory. A notebook
+# (the script opened cell by cell with jupytext) has no __file__: there, the working directory.
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 
 # %% Settings
 # ===============================================================================================
@@ -139,7 +144,7 @@ SEED = 0  # same seed -> same cohort, same split, same initial weights
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
 NUM_THREADS = None  # CPU threads for PyTorch; None = one per core (fastest on an idle CPU). Set
 #                  1 on a busy or shared CPU, where threads that wait for each other crawl
-OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
+OUTPUT_DIR = HERE / "outputs"  # checkpoints, metrics.json, figures
 # -----------------------------------------------------------------------------------------------
 # Advanced settings: defaults that rarely need a change.
 # data and preprocessing
@@ -2147,6 +2152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="your photos: images/ + masks/, or train/ + test/ with those (sets DATA_DIR)",
     )
+    # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
+    if argv is None and "ipykernel" in sys.modules:
+        argv = []
     args = parser.parse_args(argv)
     if args.quick:
         # Replace the settings at the top for this run only, and keep its files in outputs/quick/

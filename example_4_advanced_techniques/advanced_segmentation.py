@@ -114,6 +114,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -131,6 +132,10 @@ from scipy import ndimage
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
+
+# Files are read and written beside this script, whatever the working directory. A notebook
+# (the script opened cell by cell with jupytext) has no __file__: there, the working directory.
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 
 # %% Settings
 # ===============================================================================================
@@ -159,7 +164,7 @@ SEED = 0  # same seed -> same data, same initial weights, same numbers
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
 CPU_THREADS = None  # torch threads on a CPU; None = one per core; 1 when other programs share
 # the cores (threads that wait for each other crawl)
-OUTPUT_DIR = Path(__file__).resolve().parent / "outputs"  # checkpoints, metrics.json, figures
+OUTPUT_DIR = HERE / "outputs"  # checkpoints, metrics.json, figures
 # -----------------------------------------------------------------------------------------------
 # Advanced settings: defaults that rarely need a change.
 CBAM_REDUCTION = 4  # CBAM's MLP squeezes C -> C / 4 -> C (the paper's 16 needs wider layers)
@@ -2309,6 +2314,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: CPU_THREADS); 1 on a busy machine"
     )
+    # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
+    if argv is None and "ipykernel" in sys.modules:
+        argv = []
     return parser.parse_args(argv)
 
 

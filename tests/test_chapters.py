@@ -229,3 +229,46 @@ def test_code_passes_the_linter():
     if result.returncode != 0 and "No module named ruff" in result.stderr:
         pytest.skip("ruff is not installed: pip install -r requirements.txt")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+def notebook_cells(key: str) -> list[str]:
+    """The script split where jupytext, VS Code and Spyder split it: at each "# %%" line."""
+    cells, current = [], []
+    for line in lines(key):
+        if line.startswith("# %%") and current:
+            cells.append("\n".join(current))
+            current = []
+        current.append(line)
+    cells.append("\n".join(current))
+    return cells
+
+
+@pytest.fixture
+def notebook_kernel(monkeypatch, tmp_path):
+    """A stand-in for a Jupyter kernel: no __file__, the kernel's own options in sys.argv."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel", object()))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "kernel-1234.json"])
+    return tmp_path
+
+
+@pytest.mark.parametrize("key", SCRIPTS)
+def test_every_cell_runs_in_order_in_a_notebook_without_file(key, notebook_kernel):
+    namespace = {"__name__": "notebook"}  # not "__main__": define everything, train nothing
+    for cell in notebook_cells(key):
+        exec(compile(cell, SCRIPTS[key], "exec"), namespace)
+    assert namespace["HERE"] == notebook_kernel  # no __file__: files go beside the notebook
+    assert callable(namespace["main"])
+
+
+def test_a_notebook_that_runs_every_cell_trains_example_1(notebook_kernel):
+    """The last cell starts main(), which must ignore the kernel's command line."""
+    namespace = {"__name__": "__main__"}
+    cells = notebook_cells("ex1")
+    assert cells[1].startswith("# %% Settings")
+    for number, cell in enumerate(cells):
+        exec(compile(cell, SCRIPTS["ex1"], "exec"), namespace)
+        if number == 1:  # the learner edits the settings cell: here, to the --quick sizes
+            namespace.update(namespace["QUICK"], EPOCHS=1)
+    metrics = (notebook_kernel / "outputs" / "metrics.json").read_text()
+    assert '"epochs_run": 1' in metrics
