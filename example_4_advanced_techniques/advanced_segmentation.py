@@ -74,13 +74,6 @@ morphology hurt in every seed. README.md has the table and the reasons.
 
 References
 ----------
-+1 to +2; on top of CBAM it changes -0.7 to +1.1 points: no claim); flips and rotations at test
-time (+1.1 to +2.1) and the tuned CRF (+1.8 to +2.5) help; multi-scale training (-7 to -15),
-multi-scale inference (-10 to -11) and morphology (-1.1 to -1.4) do not: rescaling changes the
-tiles' stripe frequency, which is how tiles are recognised.
-
-References
-----------
 - Chen et al. (2017), DeepLab: atrous convolution, ASPP and fully connected CRFs.
   https://arxiv.org/abs/1606.00915 ; Rethinking Atrous Convolution (DeepLabV3),
   https://arxiv.org/abs/1706.05587
