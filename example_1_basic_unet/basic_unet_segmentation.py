@@ -222,8 +222,8 @@ class RandomDihedral(nn.Module):
 
     A square has 8 symmetries: 4 quarter turns, each with or without a mirror. One draw picks
     one of them; this gives exactly the statistics of random horizontal flip + random vertical
-    flip + random quarter turn, in one step instead of three: about half the time per image
-    (each call is mostly Python overhead, and with NUM_WORKERS = 0 the training loop waits for it).
+    flip + random quarter turn, in one step instead of three (benchmarks/README.md has the
+    timing).
     A transform of your own can join a v2 pipeline as a plain module whose forward takes and
     returns (image, mask). Pixels only move: nothing is interpolated.
     """

@@ -222,6 +222,9 @@ QUICK = dict(
 # applies colour changes to the Image only. This is how torchvision's segmentation reference
 # trains, and what we use for real photos: random resize of the shorter side (0.5-2.0 x a base),
 # a crop padded with 255, a horizontal flip. Evaluation sees the whole image, unaugmented.
+#
+# prepare_data at the end of this section ties it together: the datasets, the training plan that
+# fits them (training_plan: how long and on what crops, explained in section 5) and the loaders.
 
 
 VOC_CLASSES = (
@@ -771,6 +774,51 @@ def make_loader(
     )
 
 
+def training_plan(real: bool, train_size: int, world: int = 1) -> dict:
+    """How one run trains: runs, batch, steps, validation interval, LR, test-time inference."""
+    if real:
+        return {
+            "real": True, "runs": REAL_RUNS, "batch_size": REAL_BATCH_SIZE, "steps": REAL_STEPS,
+            "val_every": REAL_VAL_EVERY, "lr": REAL_LR, "crop": CROP_SIZE,
+            "short_side": REAL_SHORT_SIDE, "eval_scales": REAL_EVAL_SCALES,
+        }  # fmt: skip
+    per_epoch = max(1, train_size // (BATCH_SIZE * world))  # full batches per pass
+    return {
+        "real": False, "runs": RUNS, "batch_size": BATCH_SIZE, "steps": EPOCHS * per_epoch,
+        "val_every": per_epoch, "lr": LR, "crop": IMAGE_SIZE, "short_side": None,
+        "eval_scales": EVAL_SCALES,
+    }  # fmt: skip
+
+
+def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict, dict]:
+    """Datasets, their description, the training plan that fits them, and the three loaders."""
+    datasets, source = load_datasets()
+    classes, real = source["classes"], source["real"]
+    plan = training_plan(real, len(datasets["train"]), world)
+    if real and CLASS_WEIGHTING == "sqrt":
+        plan["class_weights"] = class_weights(source["train_pairs"], len(classes))
+        weights = ", ".join(f"{name} {w:.2f}" for name, w in zip(classes, plan["class_weights"]))
+        log(f"class weights of the loss (1/sqrt of the pixel share): {weights}")
+    eval_batch = 1 if real else BATCH_SIZE  # photos one at a time: no padding, no batch mates
+    loaders = {
+        "train": make_loader(datasets["train"], True, rank, world, plan["batch_size"]),
+        "val": make_loader(datasets["val"], False, rank, world, eval_batch),
+        "test": make_loader(datasets["test"], False, rank, world, eval_batch),
+    }
+    log(
+        f"dataset: {source['dataset']} ({len(classes)} classes), images train/val/test: "
+        f"{len(datasets['train'])}/{len(datasets['val'])}/{len(datasets['test'])}"
+    )
+    if real:
+        short = plan["short_side"]
+        side = "native size" if short is None else f"shorter side {short} px"
+        log(
+            f"photos: {plan['steps']} steps of {plan['batch_size']} crops of {plan['crop']} px, "
+            f"network input at {side}, scored at the masks' full size"
+        )
+    return datasets, source, plan, loaders
+
+
 # %% 2. Model: pretrained encoder + DeepLabV3 / DeepLabV3+ / FPN decoder
 # ===============================================================================================
 # An ImageNet classifier already knows edges, textures and object parts; we keep its convolutional
@@ -1138,6 +1186,9 @@ def build_model(
 # predictions has 0 / 0 = undefined IoU (NaN) and is left out of the mean (nanmean); a class that
 # is predicted but never true has IoU 0 and does count. Pixel accuracy = trace / total, and mean
 # class accuracy = mean over classes present in the truth of TP / row sum.
+#
+# add_stride_ceilings, at the end of this section, stores in each run's row the stride ceiling of
+# its prediction grid (stride_ceiling_miou: the score of perfect labels at that stride).
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -1213,6 +1264,13 @@ def warn_if_collapsed(predicted_counts, best_val_score: float, names) -> str | N
     return line
 
 
+def add_stride_ceilings(runs: list[dict], test_loader, num_classes: int) -> None:
+    """Store in every row what a perfect model with its output stride would score on test."""
+    for row in runs:
+        stride = 4 if row["architecture"] != "deeplabv3" else row["output_stride"]
+        row["stride_ceiling_miou"] = stride_ceiling_miou(test_loader, stride, num_classes)
+
+
 # %% 4. Evaluation and multi-scale inference
 # ===============================================================================================
 # A network trained at one scale sees objects at one size. At test time we can show it the image at
@@ -1221,6 +1279,9 @@ def warn_if_collapsed(predicted_counts, best_val_score: float, names) -> str | N
 # resize them to the exact input H x W with size=, never scale_factor=, which does not commute
 # with the flip), turn logits into probabilities before averaging (logits of different passes are
 # not on a common scale), and average probabilities, never argmax maps.
+#
+# The report at the end of this section: best_run picks the run with the best *validation* mIoU
+# (the test split never chooses), print_report prints its per-class test scores and compares all.
 
 
 def multiscale_probs(
@@ -1287,6 +1348,34 @@ def evaluate(
     return cm.cpu()
 
 
+def best_run(runs: list[dict]) -> dict:
+    """The run with the best *validation* mIoU: the test split never chooses anything."""
+    return max(runs, key=lambda run: run["val_miou"])
+
+
+def print_report(runs: list[dict], classes=VOC_CLASSES) -> None:
+    """Per-class table of the best run (chosen on validation), then the comparison table."""
+    best = best_run(runs)
+    log(f"\nper-class test results of {best['model']} (best on validation; single scale; "
+        "'-' = class absent):")
+    log(f"  {'class':<17} {'IoU':>6} {'acc':>6}")
+    for name, iou, acc in zip(classes, best["per_class_iou"], best["per_class_accuracy"]):
+        iou_text, acc_text = ("-" if v is None else f"{v:.3f}" for v in (iou, acc))
+        log(f"  {name:<17} {iou_text:>6} {acc_text:>6}")
+    log(
+        f"\n{'model':<28} {'params':>7} {'train s':>8} {'val mIoU':>9} {'test mIoU':>10} "
+        f"{'MS+flip':>8} {'pix acc':>8} {'ceiling':>8}"
+    )
+    for run in runs:
+        ceiling = run.get("stride_ceiling_miou")
+        log(
+            f"{run['model']:<28} {run['params'] / 1e6:>6.1f}M {run['train_seconds']:>8.0f} "
+            f"{run['val_miou']:>9.3f} {run['miou']:>10.3f} {run['miou_multiscale']:>8.3f} "
+            f"{run['pixel_accuracy']:>8.3f} {'' if ceiling is None else f'{ceiling:.3f}':>8}"
+        )
+    log("(ceiling: test mIoU of the true labels squeezed through the model's output stride)")
+
+
 # %% 5. Training: frozen warm-up (pretrained encoders only), then fine-tuning
 # ===============================================================================================
 # Transfer learning in two phases. (1) Warm-up: a *pretrained* encoder is frozen and its
@@ -1302,23 +1391,8 @@ def evaluate(
 # a smooth fall to zero so the last steps settle into a minimum instead of bouncing around it.
 # The schedule is counted in optimizer steps: on the synthetic set EPOCHS passes of its training
 # split, on photos REAL_STEPS steps whatever the number of images, with a validation every pass
-# (synthetic) or every REAL_VAL_EVERY steps (photos), and the best validation weights kept.
-
-
-def training_plan(real: bool, train_size: int, world: int = 1) -> dict:
-    """How one run trains: runs, batch, steps, validation interval, LR, test-time inference."""
-    if real:
-        return {
-            "real": True, "runs": REAL_RUNS, "batch_size": REAL_BATCH_SIZE, "steps": REAL_STEPS,
-            "val_every": REAL_VAL_EVERY, "lr": REAL_LR, "crop": CROP_SIZE,
-            "short_side": REAL_SHORT_SIDE, "eval_scales": REAL_EVAL_SCALES,
-        }  # fmt: skip
-    per_epoch = max(1, train_size // (BATCH_SIZE * world))  # full batches per pass
-    return {
-        "real": False, "runs": RUNS, "batch_size": BATCH_SIZE, "steps": EPOCHS * per_epoch,
-        "val_every": per_epoch, "lr": LR, "crop": IMAGE_SIZE, "short_side": None,
-        "eval_scales": EVAL_SCALES,
-    }  # fmt: skip
+# (synthetic) or every REAL_VAL_EVERY steps (photos), and the best validation weights kept
+# (training_plan, at the end of section 1, writes this schedule down for the data at hand).
 
 
 def set_encoder_trainable(model: SegmentationModel, trainable: bool) -> None:
@@ -1476,11 +1550,6 @@ def fit(
     set_encoder_trainable(model, True)
     seconds = time.time() - start
     return {"history": history, "train_seconds": seconds, "best_val_miou": best["val_miou"]}
-
-
-def best_run(runs: list[dict]) -> dict:
-    """The run with the best *validation* mIoU: the test split never chooses anything."""
-    return max(runs, key=lambda run: run["val_miou"])
 
 
 # %% 6. Figures
@@ -1789,36 +1858,6 @@ def run_all_experiments(loaders: dict, device, plan: dict, classes) -> tuple[lis
     return runs, models
 
 
-def add_stride_ceilings(runs: list[dict], test_loader, num_classes: int) -> None:
-    """Store in every row what a perfect model with its output stride would score on test."""
-    for row in runs:
-        stride = 4 if row["architecture"] != "deeplabv3" else row["output_stride"]
-        row["stride_ceiling_miou"] = stride_ceiling_miou(test_loader, stride, num_classes)
-
-
-def print_report(runs: list[dict], classes=VOC_CLASSES) -> None:
-    """Per-class table of the best run (chosen on validation), then the comparison table."""
-    best = best_run(runs)
-    log(f"\nper-class test results of {best['model']} (best on validation; single scale; "
-        "'-' = class absent):")
-    log(f"  {'class':<17} {'IoU':>6} {'acc':>6}")
-    for name, iou, acc in zip(classes, best["per_class_iou"], best["per_class_accuracy"]):
-        iou_text, acc_text = ("-" if v is None else f"{v:.3f}" for v in (iou, acc))
-        log(f"  {name:<17} {iou_text:>6} {acc_text:>6}")
-    log(
-        f"\n{'model':<28} {'params':>7} {'train s':>8} {'val mIoU':>9} {'test mIoU':>10} "
-        f"{'MS+flip':>8} {'pix acc':>8} {'ceiling':>8}"
-    )
-    for run in runs:
-        ceiling = run.get("stride_ceiling_miou")
-        log(
-            f"{run['model']:<28} {run['params'] / 1e6:>6.1f}M {run['train_seconds']:>8.0f} "
-            f"{run['val_miou']:>9.3f} {run['miou']:>10.3f} {run['miou_multiscale']:>8.3f} "
-            f"{run['pixel_accuracy']:>8.3f} {'' if ceiling is None else f'{ceiling:.3f}':>8}"
-        )
-    log("(ceiling: test mIoU of the true labels squeezed through the model's output stride)")
-
-
 def save_results(runs: list[dict], models: dict, source: dict, device, world: int, start: float):
     """metrics.json (every run; the best chosen on validation) and best_model.pt; returns them.
 
@@ -1845,35 +1884,6 @@ def save_results(runs: list[dict], models: dict, source: dict, device, world: in
         )
     log(f"total time {metrics['total_seconds']:.0f} s")
     return metrics
-
-
-def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict, dict]:
-    """Datasets, their description, the training plan that fits them, and the three loaders."""
-    datasets, source = load_datasets()
-    classes, real = source["classes"], source["real"]
-    plan = training_plan(real, len(datasets["train"]), world)
-    if real and CLASS_WEIGHTING == "sqrt":
-        plan["class_weights"] = class_weights(source["train_pairs"], len(classes))
-        weights = ", ".join(f"{name} {w:.2f}" for name, w in zip(classes, plan["class_weights"]))
-        log(f"class weights of the loss (1/sqrt of the pixel share): {weights}")
-    eval_batch = 1 if real else BATCH_SIZE  # photos one at a time: no padding, no batch mates
-    loaders = {
-        "train": make_loader(datasets["train"], True, rank, world, plan["batch_size"]),
-        "val": make_loader(datasets["val"], False, rank, world, eval_batch),
-        "test": make_loader(datasets["test"], False, rank, world, eval_batch),
-    }
-    log(
-        f"dataset: {source['dataset']} ({len(classes)} classes), images train/val/test: "
-        f"{len(datasets['train'])}/{len(datasets['val'])}/{len(datasets['test'])}"
-    )
-    if real:
-        short = plan["short_side"]
-        side = "native size" if short is None else f"shorter side {short} px"
-        log(
-            f"photos: {plan['steps']} steps of {plan['batch_size']} crops of {plan['crop']} px, "
-            f"network input at {side}, scored at the masks' full size"
-        )
-    return datasets, source, plan, loaders
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1906,19 +1916,20 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(SEED)
     log(f"device: {device}, processes: {world}")
 
-    # 1. Data: the datasets, the training plan that fits them, the loaders
+    # 1. Data: VOC, your own folders, and a synthetic stand-in -> datasets, plan, loaders
     datasets, source, plan, loaders = prepare_data(rank, world)
     classes = source["classes"]
-    # 2. Models: each (decoder, encoder) pair built, trained (section 5) and tested (section 4)
+    # 2. Model: pretrained encoder + DeepLabV3 / DeepLabV3+ / FPN decoder, for every pair of the
+    # plan: built (section 2), trained (section 5), tested once (section 4); see section 8
     runs, models = run_all_experiments(loaders, device, plan, classes)
-    # 3. Metrics: what a perfect model with each run's output stride would score on test
+    # 3. Loss and metrics: what a perfect model with each run's output stride scores on test
     add_stride_ceilings(runs, loaders["test"], len(classes))
-    # 4. Evaluation: per-class test scores of the run chosen on validation, and the comparison
+    # 4. Evaluation and multi-scale inference: the run chosen on validation, the comparison
     print_report(runs, classes)
     # 6. Figures: confusion matrix, per-class IoU, training curves, test predictions
     if is_main_process():
         save_figures(runs, models, loaders, device, classes)
-    # 8. Results: best_model.pt and metrics.json
+    # 8. Putting it together: best_model.pt and metrics.json
     metrics = save_results(runs, models, source, device, world, start)
     if dist.is_initialized():
         dist.destroy_process_group()

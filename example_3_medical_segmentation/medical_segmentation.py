@@ -217,7 +217,9 @@ MASK_SUFFIXES = ("", "_mask", "_segmentation", "_Segmentation")  # mask stem = i
 #
 # Every patient is a pure function of (SEED, patient id): the cohort is the same on every machine,
 # and each patient's voxels are generated at that patient's own spacing, in millimetres.
-# Your own 2D photos and masks (--data-dir) take another path: section 9 reads and trains on them.
+# split_patients and load_data at the end of this section cut the cohort by patient (section 5
+# says why). Your own 2D photos and masks (--data-dir) take another path: section 9 reads and
+# trains on them.
 
 # Scanner profiles: organ enhancement (HU), lesion contrast (HU darker than the organ), noise (HU),
 # calibration gain and offset. Scanner D (late contrast, noisier, mis-calibrated) is never
@@ -343,6 +345,31 @@ def synthetic_cohort() -> dict[str, list[Case]]:
     return {"in_domain": in_domain, "ood": ood}
 
 
+def split_patients(cases: list[Case], seed: int, fractions=None) -> dict[str, list[Case]]:
+    """Shuffle the patients with the seed and cut them into train / val / test (>= 1 each)."""
+    fractions = fractions or SPLIT_FRACTIONS
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = max(1, int(round(fractions[1] * len(cases))))
+    n_test = max(1, int(round(fractions[2] * len(cases))))
+    n_train = len(cases) - n_val - n_test
+    if n_train < 1:
+        raise SystemExit(f"error: {len(cases)} cases are too few for a train / val / test split")
+    chosen = [cases[i] for i in order]
+    return {
+        "train": chosen[:n_train],
+        "val": chosen[n_train : n_train + n_val],
+        "test": chosen[n_train + n_val :],
+    }
+
+
+def load_data() -> tuple[dict[str, list[Case]], tuple[str, ...]]:
+    """The synthetic cohort split by patient (train / val / test), plus scanner D as "ood"."""
+    cohort = synthetic_cohort()
+    splits = split_patients(cohort["in_domain"], SEED)
+    splits["ood"] = cohort["ood"]
+    return splits, CT_CLASS_NAMES
+
+
 # %% 2. Preprocessing: windowing, normalization, resampling, 2.5D
 # ===============================================================================================
 # (a) HU windowing and clipping. CT values span -1000..+3000 HU, but the organ and its lesions
@@ -462,9 +489,11 @@ def probabilities_to_native(probs: np.ndarray, prepared: Prepared) -> np.ndarray
 
 # %% 3. Model: a small 2D U-Net on 2.5D inputs
 # ===============================================================================================
-# The U-Net of Example 1 unchanged, except for its input channels: 2 * CONTEXT_SLICES + 1 CT
-# slices (or 3 colours for photos). A 3D U-Net would see the whole volume but costs ~10x more on
-# a CPU; 2.5D is the usual compromise (nnU-Net also trains 2D models for thick-slice scans).
+# Example 1's U-Net with the same layers, minus its bilinear option (upsampling is always a learned
+# transposed convolution), its input-size check and its Down class (each step down is written as
+# max pooling + DoubleConv in place). Its input is 2 * CONTEXT_SLICES + 1 CT slices (or 3 colours
+# for photos). A 3D U-Net would see the whole volume but costs ~10x more on a CPU; 2.5D is the
+# usual compromise (nnU-Net also trains 2D models for thick-slice scans).
 
 
 class DoubleConv(nn.Sequential):
@@ -733,25 +762,9 @@ def count_lesions(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
 # slice with the mask of the most similar training slice. Under a slice-level split that scores
 # well (the neighbouring slice, 5 mm away, is in training); under a patient-level split it fails.
 # Separately, all patients of scanner D are held out: an out-of-domain test of generalization.
-# The split happens as the data is loaded (load_data in section 11 calls split_patients below);
-# this section says why it is done by patient, and measures what the other way would hide.
-
-
-def split_patients(cases: list[Case], seed: int, fractions=None) -> dict[str, list[Case]]:
-    """Shuffle the patients with the seed and cut them into train / val / test (>= 1 each)."""
-    fractions = fractions or SPLIT_FRACTIONS
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = max(1, int(round(fractions[1] * len(cases))))
-    n_test = max(1, int(round(fractions[2] * len(cases))))
-    n_train = len(cases) - n_val - n_test
-    if n_train < 1:
-        raise SystemExit(f"error: {len(cases)} cases are too few for a train / val / test split")
-    chosen = [cases[i] for i in order]
-    return {
-        "train": chosen[:n_train],
-        "val": chosen[n_train : n_train + n_val],
-        "test": chosen[n_train + n_val :],
-    }
+# The split happens as the data is loaded (load_data, at the end of section 1, calls
+# split_patients); this section says why it is done by patient, and measures what the other way
+# would hide.
 
 
 def unit_rows(slices: np.ndarray) -> np.ndarray:
@@ -2128,18 +2141,7 @@ def predict_image(image_path: Path, checkpoint_path: Path, device: torch.device)
 # %% 11. Putting it together
 # ===============================================================================================
 # main() below is the chapter in one screen: one call per section, in order. The helpers before
-# it load the data (the synthetic cohort or your folder), read the command line and write the
-# results.
-
-
-def load_data() -> tuple[dict[str, list[Case]], tuple[str, ...]]:
-    """Patient-level splits of the synthetic cohort (or DATA_DIR), with an OOD split if any."""
-    if DATA_DIR is not None:
-        return load_folder_splits(Path(DATA_DIR).expanduser(), SEED)
-    cohort = synthetic_cohort()
-    splits = split_patients(cohort["in_domain"], SEED)
-    splits["ood"] = cohort["ood"]
-    return splits, CT_CLASS_NAMES
+# it read the command line and write the results.
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -2213,15 +2215,16 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(SEED)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     print(f"device: {device} ({torch.get_num_threads()} CPU threads) | outputs: {OUTPUT_DIR}")
-    # 1. Data: the synthetic CT cohort, split by patient (section 5 says why)
-    splits, names = load_data()
     if DATA_DIR is not None:  # your own photos (section 9) take their own path from here
+        splits, names = load_folder_splits(Path(DATA_DIR).expanduser(), SEED)
         return run_photos(splits, names, device, checkpoint_path, start)
+    # 1. Data: a synthetic CT cohort, split by patient (section 5 says why)
+    splits, names = load_data()
     # 2. Preprocessing: window, normalize, resample to one spacing, stack 2.5D context
     prepared = {split: [preprocess(c) for c in cases] for split, cases in splits.items()}
     # 3. Model: the U-Net these settings build, and its size
     describe_model(prepared["train"][0].inputs.shape[1], names)
-    # 4. Losses and metrics: class weights from the training labels
+    # 4. Losses and metrics for imbalanced classes: class weights from the training labels
     data = training_data(prepared, names)
     # 5. Splitting by patient: the split, and what a slice-level split would have leaked
     cohort = describe_split(splits, prepared, names)

@@ -155,8 +155,8 @@ CRF_ITERATIONS = 5  # mean-field iterations (pydensecrf's default)
 # system
 SEED = 0  # same seed -> same data, same initial weights, same numbers
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
-CPU_THREADS = None  # torch threads on a CPU; None = one per core; 1 when other programs share
-# the cores (threads that wait for each other crawl)
+NUM_THREADS = None  # CPU threads for PyTorch; None = one per core (fastest on an idle CPU). Set
+#                  1 on a busy or shared CPU, where threads that wait for each other crawl
 OUTPUT_DIR = HERE / "outputs"  # checkpoints, metrics.json, figures
 # -----------------------------------------------------------------------------------------------
 # Advanced settings: defaults that rarely need a change.
@@ -230,10 +230,11 @@ IGNORE_INDEX = 255  # label value the losses and the metrics skip
 # drawn with soft (blurred) edges and pixel noise, so boundaries are uncertain. Every sample is a
 # pure function of (seed, split, index): the same triple always gives the same picture.
 #
-# For the U-Net boundary-weighted loss we also precompute each training mask's weight map
-# (section 4 explains it); it travels with the image through the DataLoader. These masks have
-# no unlabelled pixels, but every loss and metric below still skips label 255 (the tests check
-# it), because real datasets such as PASCAL VOC mark uncertain object borders with 255.
+# We also precompute each training mask's U-Net weight map (`unet_weight_map` below explains it;
+# section 4's boundary-weighted loss uses it); it travels with the image through the DataLoader.
+# These masks have no unlabelled pixels, but every loss and metric below still skips label 255
+# (the tests check it), because real datasets such as PASCAL VOC mark uncertain object borders
+# with 255.
 
 
 def smooth_noise(rng: np.random.Generator, size: int, cells: int = 5) -> np.ndarray:
@@ -842,7 +843,7 @@ def network_receptive_fields() -> dict:
 #   split); its authors suggest cross-entropy first and Lovasz to fine-tune, while the mixed loss
 #   simply adds it with weight 0.5 from the start.
 # - Boundary-weighted cross-entropy: per-pixel cross-entropy times the U-Net weight map (section
-#   1), averaged over valid pixels.
+#   1's `unet_weight_map` explains it), averaged over valid pixels.
 # - OHEM cross-entropy: only the hard pixels count: those whose true-class probability is at most
 #   OHEM_THRESHOLD, and always at least OHEM_MIN_KEPT of the hardest. Convention here: the mean is
 #   over the kept pixels (some codebases divide by all pixels instead).
@@ -2305,7 +2306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the full ablation (every row) once per seed, e.g. --seeds 0 1 2: mean and spread",
     )
     parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: CPU_THREADS); 1 on a busy machine"
+        "--threads", type=int, help="torch CPU threads (default: NUM_THREADS); 1 on a busy machine"
     )
     # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
     if argv is None and "ipykernel" in sys.modules:
@@ -2319,7 +2320,7 @@ def set_up(args: argparse.Namespace) -> torch.device:
     # cuDNN tries its convolution algorithms on the first batch of each shape and keeps the
     # fastest: worth it when shapes repeat, as they do here (no effect on a CPU).
     torch.backends.cudnn.benchmark = True
-    threads = args.threads or CPU_THREADS
+    threads = args.threads or NUM_THREADS
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
     if args.quick:
@@ -2375,27 +2376,27 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     seed_everything(SEED)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
-    # 1. data: three splits of synthetic scenes, and the training masks' U-Net weight maps
+    # 1. Data: three splits of synthetic scenes, and the training masks' U-Net weight maps
     data = make_datasets(SEED)
     describe_data(data, device)
-    # 2. atrous convolution: the receptive field of three stacks of dilated convolutions
+    # 2. Atrous convolution: the receptive field of three stacks of dilated convolutions
     receptive = gridding_report()
-    # 3. model: the receptive field of the real network, walked along its layers and measured
+    # 3. Model: the receptive field of the real network, walked along its layers and measured
     receptive.update(network_receptive_fields())
-    # 5. training: the ablation's four rows (the models of section 3, the losses of section 4)
+    # 5. Training: the ablation's four rows (the models of section 3, the losses of section 4)
     rows, histories, models = train_rows(TRAINING_ROWS, data, SEED, device, OUTPUT_DIR)
-    # 6. inference tricks on the row validation prefers; the fast CRF against the exact one
+    # 6. Inference tricks: added to the row validation prefers; the fast CRF against the exact one
     best, inference = add_inference_tricks(models, data, device)
     rows += inference["rows"]
     print_ablation(rows)
     crf_check, crf_maps = check_crf(inference, data)
-    # 7. memory and deployment: gradient checkpointing, torch.export, ONNX
+    # 7. Memory and deployment: gradient checkpointing, torch.export, ONNX
     deployment = memory_and_deployment(models[best][0], data, device)
-    # 8. figures
+    # 8. Figures
     draw_figures(models, best, inference, crf_maps, data, receptive, rows)
-    # 9. your own image: the model and the kept inference steps that --predict uses
+    # 9. Your own image: the model and the kept inference steps that --predict uses
     save_for_predict(models[best][1], inference["pipeline"], TRAINING_ROWS[best]["name"])
-    # 10. putting it together: everything measured, into metrics.json
+    # 10. Putting it together: everything measured, into metrics.json
     return write_metrics(
         rows, histories, inference, crf_check, receptive, deployment, data, best, device, start
     )

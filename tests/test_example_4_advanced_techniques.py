@@ -30,7 +30,7 @@ def mod():
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Run torch on one thread (CPU_THREADS = 1: faster when a CI CPU is shared), then restore."""
+    """Run torch on one thread (NUM_THREADS = 1: faster when a CI CPU is shared), then restore."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
