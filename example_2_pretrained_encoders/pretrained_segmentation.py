@@ -1552,7 +1552,7 @@ def fit(
     return {"history": history, "train_seconds": seconds, "best_val_miou": best["val_miou"]}
 
 
-# %% 6. Figures
+# %% 6. Visualization
 # ===============================================================================================
 # Numbers say how good, pictures say where it fails: the confusion matrix shows which classes are
 # mistaken for which (and how much leaks into background), the per-class IoU compares the models
@@ -1682,7 +1682,7 @@ def save_figures(runs: list[dict], models: dict, loaders: dict, device, classes)
     plot_test_predictions(models, loaders["test"].dataset, device, OUTPUT_DIR / "predictions.png")
 
 
-# %% 7. Prediction on your own image
+# %% 7. Your own image: --predict
 # ===============================================================================================
 # The checkpoint stores the model's configuration (and, for photos, the size it works at and the
 # class names), so --predict rebuilds exactly the network that was trained, even if you edited
@@ -1926,7 +1926,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_stride_ceilings(runs, loaders["test"], len(classes))
     # 4. Evaluation and multi-scale inference: the run chosen on validation, the comparison
     print_report(runs, classes)
-    # 6. Figures: confusion matrix, per-class IoU, training curves, test predictions
+    # 6. Visualization: confusion matrix, per-class IoU, training curves, test predictions
     if is_main_process():
         save_figures(runs, models, loaders, device, classes)
     # 8. Putting it together: best_model.pt and metrics.json

@@ -1940,7 +1940,7 @@ def memory_and_deployment(model: DilatedAttentionNet, data: dict, device: torch.
     return dict(gradient_checkpointing=memory, export=export, onnx=onnx)
 
 
-# %% 8. Figures
+# %% 8. Visualization
 # ===============================================================================================
 # What the numbers do not show: the receptive fields of section 2 (with the trained network's
 # *effective* receptive field: where its gradient actually reaches), what the attention blocks
@@ -2392,7 +2392,7 @@ def main(argv: list[str] | None = None) -> dict:
     crf_check, crf_maps = check_crf(inference, data)
     # 7. Memory and deployment: gradient checkpointing, torch.export, ONNX
     deployment = memory_and_deployment(models[best][0], data, device)
-    # 8. Figures
+    # 8. Visualization
     draw_figures(models, best, inference, crf_maps, data, receptive, rows)
     # 9. Your own image: the model and the kept inference steps that --predict uses
     save_for_predict(models[best][1], inference["pipeline"], TRAINING_ROWS[best]["name"])
