@@ -16,7 +16,7 @@ How to run
 ----------
 From this folder (``example_1_basic_unet/``)::
 
-    python basic_unet_segmentation.py              # full run, about 1.5 minutes on a 2-core CPU
+    python basic_unet_segmentation.py              # full run, about 2 minutes on a 2-core CPU
     python basic_unet_segmentation.py --quick      # tiny run in seconds, into outputs/quick/
     python basic_unet_segmentation.py --predict my_photo.png   # segment your own image
 
@@ -27,7 +27,7 @@ the chapter (editors such as VS Code show them as cells that run one at a time).
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 95 s (16 epochs) and ended with::
+On a 2-core CPU (no GPU) the default run took 127 s (16 epochs) and ended with::
 
     test split             U-Net  all background
     IoU background         0.991           0.829
@@ -89,7 +89,7 @@ BASE_CHANNELS = 8  # channels of the first level; each level down doubles them (
 DEPTH = 4  # number of 2x down-samplings: receptive field vs. compute (64 px -> 4 px at depth 4)
 BILINEAR = False  # upsample with bilinear + 1x1 conv instead of a learned transposed convolution
 # training
-EPOCHS = 16  # upper bound; early stopping may end sooner (16 keeps the run under 2 minutes)
+EPOCHS = 16  # upper bound; early stopping may end sooner (16 keeps the run near 2 minutes)
 BATCH_SIZE = 8  # small batches: more updates per epoch, which helps more than big ones here
 LEARNING_RATE = 3e-3  # AdamW's step size at the start; cosine decay brings it to ~0 at the end
 PATIENCE = 5  # stop when validation foreground IoU has not improved for this many epochs
