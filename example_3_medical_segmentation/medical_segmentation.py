@@ -1143,12 +1143,12 @@ def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, flo
     return float(values.mean() - half), float(values.mean() + half)
 
 
+CT_METRICS = ("dice", "iou", "sensitivity", "specificity", "precision", "hd95_mm")  # per patient
 RATIO_METRICS = ("dice", "iou", "sensitivity", "specificity", "precision", "auc")  # in [0, 1]
 
 
-def summarize(per_patient: list[dict], names, metrics=None) -> dict:
+def summarize(per_patient: list[dict], names, metrics=CT_METRICS) -> dict:
     """Means over patients (NaN excluded), their std and t interval; lesion-wise totals if any."""
-    metrics = metrics or ("dice", "iou", "sensitivity", "specificity", "precision", "hd95_mm")
     summary, spread, interval = {}, {}, {}
     for metric in metrics:
         summary[metric], spread[metric], interval[metric] = {}, {}, {}
@@ -1181,9 +1181,8 @@ def interval_text(interval) -> str:
     return f"[{low:.3f}, {high:.3f}]"
 
 
-def print_summary(title: str, summary: dict, names, metrics=None, unit="patients") -> None:
+def print_summary(title: str, summary: dict, names, metrics=CT_METRICS, unit="patients") -> None:
     """A table: one row per metric, one column per foreground class: mean +- std [95% CI]."""
-    metrics = metrics or ("dice", "iou", "sensitivity", "specificity", "precision", "hd95_mm")
     n = summary["n_patients"]
     print(f"\n{title} ({n} {unit}): mean +- std [Student-t {CONFIDENCE:.0%} CI]")
     if n < 10:
@@ -1307,7 +1306,7 @@ def plot_scanner_histograms(ax_hu, ax_z, cases: list[Case]) -> None:
 
 
 def plot_resampling_panels(axes, case: Case, prep: Prepared) -> None:
-    """(c) A coronal cut in voxels and in millimetres; (d) a 2.5D input and its resampled mask."""
+    """(c) A coronal cut in voxels and in millimetres; (d) a 2.5D input; (c) the resampled mask."""
     level, width = HU_WINDOW
     y = case.mask.shape[1] // 2 + 5  # a coronal cut near the organ
     axes[0].imshow(window_hu(case.image[0, :, y], level, width), cmap="gray", aspect="auto")
@@ -1817,9 +1816,8 @@ def score_photo(probs: np.ndarray, photo: Photo, names, threshold) -> tuple[dict
     truth = photo.labels[: photo.height, : photo.width]  # IGNORE_INDEX outside the FOV
     inside = truth != IGNORE_INDEX
     pred = decide(probs, threshold)  # (H, W)
-    confusion = confusion_matrix(
-        torch.as_tensor(pred[inside]), torch.as_tensor(truth[inside]), len(names)
-    ).numpy()
+    # pixels outside the field of view hold IGNORE_INDEX, which confusion_matrix skips
+    confusion = confusion_matrix(torch.as_tensor(pred), torch.as_tensor(truth), len(names)).numpy()
     scores = metrics_from_confusion(confusion)
     result = {metric: {n: float(v[k]) for k, n in enumerate(names)} for metric, v in scores.items()}
     result["auc"] = {n: roc_auc(probs[k][inside], truth[inside] == k) for k, n in enumerate(names)}
@@ -1917,15 +1915,12 @@ def fit_photos(data: dict, device, checkpoint_path=None) -> tuple:
             dice = photo_val_dice(model, data["val"], names, device)
             score = float(np.nanmean(list(dice.values())))
             score = 0.0 if np.isnan(score) else score
-            history.append(
-                {"step": step, "train_loss": float(np.mean(losses)), "val_dice": dice,
-                 "val_score": score}
-            )
-            losses = []
+            train_loss, losses = float(np.mean(losses)), []  # mean since the last validation
+            history.append(dict(step=step, train_loss=train_loss, val_dice=dice, val_score=score))
             improved = best.update(model, score, step)
             shown = " ".join(f"{n} {d:.3f}" for n, d in dice.items())
             print(
-                f"  step {step:5d}/{PHOTO_STEPS} | train loss {history[-1]['train_loss']:.4f} | "
+                f"  step {step:5d}/{PHOTO_STEPS} | train loss {train_loss:.4f} | "
                 f"val Dice {shown}{' (best)' if improved else ''} | "
                 f"{time.perf_counter() - start:.0f} s"
             )
@@ -2074,11 +2069,10 @@ def run_photos(splits: dict, names, device, checkpoint_path: Path, start: float)
 # ===============================================================================================
 # A trained checkpoint segments one 2D image. For a CT model the image must be a slice shown in
 # the training window (a PNG exported from a viewer with L=50, W=400, like
-# outputs/example_slice.png)
-# covering about IMAGE_SIZE x TARGET_SPACING mm: gray values 0..255 are mapped back to HU, then
-# preprocessed as in training (the single slice is repeated as its own neighbours). For a model
-# trained on a folder of photos, the image is read in colour. Probabilities are resized back to
-# the image's size with an explicit size= before the decision.
+# outputs/example_slice.png) covering about IMAGE_SIZE x TARGET_SPACING mm: gray values 0..255
+# are mapped back to HU, then preprocessed as in training (the single slice is repeated as its own
+# neighbours). For a model trained on a folder of photos, the image is read in colour.
+# Probabilities are resized back to the image's size with an explicit size= before the decision.
 
 
 def load_model(checkpoint_path: Path, device: torch.device) -> tuple[UNet, dict]:
