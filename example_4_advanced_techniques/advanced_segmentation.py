@@ -374,8 +374,8 @@ def describe_data(data: dict, device: torch.device) -> None:
 
 
 def train_loader(train: dict[str, torch.Tensor], seed: int) -> DataLoader:
-    """Shuffled (image, mask, weight map) batches; the last incomplete one is dropped (for
-    BatchNorm)."""
+    """Shuffled (image, mask, weight map) batches; the last incomplete one is dropped (BatchNorm
+    needs more than one sample)."""
     dataset = TensorDataset(train["images"], train["masks"], train["weights"])
     return DataLoader(
         dataset,
@@ -451,7 +451,7 @@ DILATION_RATES = {  # three stacks of 3x3 convolutions: plain, gridding, hybrid
 
 
 def gridding_report() -> dict:
-    """Receptive field (formula and gradient) and holes inside it for each stack of
+    """Receptive field (formula and gradient) and the holes inside it for each stack of
     DILATION_RATES; prints one line."""
     results = {}
     for name, rates in DILATION_RATES.items():
@@ -733,7 +733,7 @@ def model_config(cbam: bool = False, position_attention: bool = False) -> dict:
     )
 
 
-# The formula above is for a plain stack of convolutions. A real segmentation network also has a
+# Section 2's formula is for a plain stack of convolutions. A real segmentation network also has a
 # decoder: convolutions at a finer resolution and bilinear upsamplings. To count those too we walk
 # the network's path (DilatedAttentionNet.layer_path(), read from its modules) backwards from one
 # output pixel and track the interval of positions that can reach it, along one axis:
@@ -874,12 +874,8 @@ def focal_loss(logits, target, gamma=None, alpha=None) -> torch.Tensor:
     log_p = true_class_log_prob(logits, target)  # (N, H, W)
     loss = -((1 - log_p.exp()) ** gamma) * log_p
     if alpha is not None:
-        loss = (
-            loss
-            * torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)[
-                torch.where(target == IGNORE_INDEX, 0, target)
-            ]
-        )
+        safe = torch.where(target == IGNORE_INDEX, 0, target)  # Gotcha: 255 would index past alpha
+        loss = loss * torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)[safe]
     return masked_mean(loss, target != IGNORE_INDEX)
 
 
@@ -927,9 +923,8 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # One sort for all classes, each column by its own descending error (the same numbers as a
     # loop of one sort per class, in one call).
     errors_sorted, order = torch.sort(errors, dim=0, descending=True)  # (P, C) each
-    losses = (errors_sorted * lovasz_grad(foreground.gather(0, order))).sum(
-        dim=0
-    )  # (C,) dot products
+    grads = lovasz_grad(foreground.gather(0, order))  # (P, C)
+    losses = (errors_sorted * grads).sum(dim=0)  # (C,) dot products
     return losses[present].mean()
 
 
@@ -1071,10 +1066,10 @@ def score_labels(preds: torch.Tensor, masks: torch.Tensor) -> dict:
 # each claim has its own row.
 
 
-def flip_rotate(tensors: list[torch.Tensor], k: int, flip: bool) -> list[torch.Tensor]:
-    """Rotate by k quarter turns and optionally flip left-right, the same for every (..., H, W)."""
-    out = [torch.rot90(t, k, dims=(-2, -1)) for t in tensors]
-    return [t.flip(-1) for t in out] if flip else out
+def apply_transform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Rotate (..., H, W) by k quarter turns, then flip left-right (training and TTA)."""
+    x = torch.rot90(x, k, dims=(-2, -1))
+    return x.flip(-1) if flip else x
 
 
 def rescale_batch(images, masks, weights, scale: float):
@@ -1139,9 +1134,8 @@ def train_one_epoch(model, loader, trainer: tuple, row: dict, epoch: int, augmen
     for step, (images, masks, weights) in enumerate(
         tqdm(loader, desc=f"{row['name']} epoch {epoch}", leave=False)
     ):
-        images, masks, weights = flip_rotate(
-            [images, masks, weights], int(augment.integers(4)), bool(augment.integers(2))
-        )
+        k, flip = int(augment.integers(4)), bool(augment.integers(2))  # the same for all three
+        images, masks, weights = (apply_transform(t, k, flip) for t in (images, masks, weights))
         if row["multiscale"]:
             images, masks, weights = rescale_batch(
                 images, masks, weights, float(augment.choice(TRAIN_SCALES))
@@ -1170,9 +1164,8 @@ def validate_and_checkpoint(model, data, row, device, path, epoch, best) -> tupl
     """Validation mIoU of this epoch, and whether it beat `best`; if so the weights are saved
     (atomically) to path, with what it takes to rebuild the network."""
     val = data["val"]
-    val_miou = score_labels(
-        predict_logits(model, val["images"], device).argmax(1), val["masks"]
-    )["miou"]
+    val_labels = predict_logits(model, val["images"], device).argmax(1)  # (N, H, W)
+    val_miou = score_labels(val_labels, val["masks"])["miou"]
     improved = val_miou > best
     if improved:
         save_checkpoint(
@@ -1266,9 +1259,8 @@ def train_rows(rows: tuple, data: dict, seed: int, device: torch.device, folder:
         histories[row["name"]] = fit(model, data, row, device, path, seed)
         model, state = load_model(path, device)
         test = data["test"]
-        scores = score_labels(
-            predict_logits(model, test["images"], device).argmax(1), test["masks"]
-        )
+        test_labels = predict_logits(model, test["images"], device).argmax(1)  # (N, H, W)
+        scores = score_labels(test_labels, test["masks"])
         seconds = time.perf_counter() - row_start
         results.append(
             dict(name=row["name"], **scores, seconds=seconds, val_miou=state["val_miou"])
@@ -1302,14 +1294,8 @@ def tta_transforms(flips: bool, rot90: bool) -> list[tuple[int, bool]]:
     ]
 
 
-def apply_transform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """Rotate (..., H, W) by k quarter turns, then flip left-right."""
-    x = torch.rot90(x, k, dims=(-2, -1))
-    return x.flip(-1) if flip else x
-
-
 def invert_transform(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """Exact inverse of apply_transform: flip back first, then rotate back."""
+    """Exact inverse of apply_transform (section 5): flip back first, then rotate back."""
     y = y.flip(-1) if flip else y
     return torch.rot90(y, -k, dims=(-2, -1))
 
@@ -1331,9 +1317,8 @@ def tta_predict(
             else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         )
         for k, flip in tta_transforms(flips, rot90):
-            logits = invert_transform(
-                model(apply_transform(scaled, k, flip)), k, flip
-            )  # back to `size`
+            logits = model(apply_transform(scaled, k, flip))
+            logits = invert_transform(logits, k, flip)  # undone: back to `size`
             # Gotcha: back to the input's exact size with size=, not scale_factor=1/scale
             logits = F.interpolate(
                 logits, size=(height, width), mode="bilinear", align_corners=False
@@ -1589,8 +1574,7 @@ def try_crf_and_morphology(data: dict, state: dict) -> dict:
 
 
 def inference_ablation(model: DilatedAttentionNet, data: dict, device: torch.device) -> dict:
-    """Add TTA, multi-scale inference, the CRF and morphology in turn; keep what helps on
-    validation.
+    """Add TTA, multi-scale inference, the CRF and morphology in turn; validation keeps each or not.
 
     Returns the ablation rows, the kept pipeline, the CRF tuning, and the test probabilities and
     final label maps the figures need.
@@ -1683,14 +1667,12 @@ def check_crf(inference: dict, data: dict) -> tuple[dict, tuple]:
 def saved_activation_bytes(
     model: DilatedAttentionNet, images: torch.Tensor, masks: torch.Tensor
 ) -> int:
-    """Bytes of distinct tensors autograd keeps for backward in one training step (then
-    backward)."""
+    """Bytes of the distinct tensors autograd keeps for backward in one training step."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = (
-            t.untyped_storage().nbytes()
-        )  # shared storage counted once
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()  # shared storage counted once
         return t
 
     model.train()
@@ -1743,26 +1725,34 @@ def measure_checkpointing(
     return result
 
 
-def export_model(model: DilatedAttentionNet, example: torch.Tensor, path: Path):
-    """torch.export with dynamic batch, height and width, saved to `path`, loaded back as a
-    module."""
-    model = model.eval()
+def dynamic_shapes() -> dict:
+    """Batch, height and width of the model's input `x` may change after export."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     height = torch.export.Dim("height", min=16, max=4096)
     width = torch.export.Dim("width", min=16, max=4096)
+    return {"x": {0: batch, 2: height, 3: width}}
+
+
+def other_size(images: torch.Tensor) -> torch.Tensor:
+    """Two of the images resized to a size the export never saw (13 and 7 px larger)."""
+    size = (images.shape[-2] + 13, images.shape[-1] + 7)
+    return F.interpolate(images[:2], size=size, mode="bilinear")
+
+
+def export_model(model: DilatedAttentionNet, example: torch.Tensor, path: Path):
+    """torch.export with dynamic batch, height and width, saved to `path`, loaded back."""
+    model = model.eval()
     # Gotcha: an example with batch 1 (or size 1 anywhere) gets specialised to exactly 1; trace
     # with a batch of 2 so that the batch dimension stays dynamic
-    program = torch.export.export(
-        model, (example,), dynamic_shapes={"x": {0: batch, 2: height, 3: width}}
-    )
+    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes())
     torch.export.save(program, path)
     return torch.export.load(path).module()  # what a user does: no DilatedAttentionNet class needed
 
 
 @torch.no_grad()
 def check_export(model: DilatedAttentionNet, images: torch.Tensor, path: Path) -> dict:
-    """Export on the CPU, reload, compare logits with eager (also at a new image size), time per
-    image.
+    """Export on the CPU, reload, compare logits with eager (also at a new image size), and
+    time both per image.
 
     If torch.export fails (older PyTorch releases), returns {"error": "<the error's first line>"}.
     """
@@ -1775,9 +1765,7 @@ def check_export(model: DilatedAttentionNet, images: torch.Tensor, path: Path) -
         first_line = (str(error).strip().splitlines() or [""])[0]
         return dict(error=f"{type(error).__name__}: {first_line}")
     eager_logits, exported_logits = model(images), exported(images)
-    odd = F.interpolate(
-        images[:2], size=(images.shape[-2] + 13, images.shape[-1] + 7), mode="bilinear"
-    )
+    odd = other_size(images)
     timings = {
         name: ms_per_image(module, images)
         for name, module in (("eager", model), ("exported", exported))
@@ -1820,9 +1808,6 @@ def ms_per_image(run, images: torch.Tensor) -> float:
 def export_onnx(model: DilatedAttentionNet, example: torch.Tensor, path: Path) -> str | None:
     """torch.onnx.export with dynamic batch, height and width to `path`; None when it worked,
     else the error's first line (the file is then removed)."""
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    height = torch.export.Dim("height", min=16, max=4096)
-    width = torch.export.Dim("width", min=16, max=4096)
     try:
         # dynamo=True: the exporter traces with torch.export, then translates to ONNX operators
         torch.onnx.export(
@@ -1831,7 +1816,7 @@ def export_onnx(model: DilatedAttentionNet, example: torch.Tensor, path: Path) -
             path,
             input_names=["images"],
             output_names=["logits"],
-            dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
+            dynamic_shapes=dynamic_shapes(),
             dynamo=True,
             verbose=False,
         )
@@ -1867,9 +1852,7 @@ def check_onnx(
     def run_onnx(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
-    odd = F.interpolate(
-        images[:2], size=(images.shape[-2] + 13, images.shape[-1] + 7), mode="bilinear"
-    )
+    odd = other_size(images)
     eager_logits, onnx_logits = model(images), run_onnx(images)
     timings = dict(ms_per_image_eager=ms_per_image(model, images))
     if program is not None and program.is_file():
@@ -1948,6 +1931,11 @@ def memory_and_deployment(model: DilatedAttentionNet, data: dict, device: torch.
 # the fast CRF on one image, and the ablation as bars.
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device a model's weights live on."""
+    return next(model.parameters()).device
+
+
 def colorize(labels: np.ndarray) -> np.ndarray:
     """Label map (H, W) -> RGB (H, W, 3); ignored pixels white."""
     rgb = np.ones(labels.shape + (3,))
@@ -1989,7 +1977,7 @@ def plot_receptive_fields(model: nn.Module, image: torch.Tensor, receptive: dict
         rf, holes = receptive[name]["formula"], receptive[name]["holes_inside_rf"]
         ax.set_title(f"{name}\nRF {rf} px, {holes} holes", fontsize=9)
     model.eval()
-    x = image[None].to(next(model.parameters()).device).requires_grad_(True)  # (1, 3, H, W)
+    x = image[None].to(device_of(model)).requires_grad_(True)  # (1, 3, H, W)
     logits = model(x)
     h, w = logits.shape[-2:]
     logits[0, :, h // 2, w // 2].sum().backward()
@@ -2052,8 +2040,7 @@ def plot_attention(model: DilatedAttentionNet, image: torch.Tensor, path: Path) 
 
 
 def plot_ablation(rows: list[dict], path: Path) -> None:
-    """Horizontal bars: test mIoU and boundary F1 per row; grey = an inference step validation
-    dropped."""
+    """Horizontal bars of test mIoU and boundary F1 per row; grey: a step validation dropped."""
     names = [r["name"] for r in rows][::-1]
     colours = ["tab:gray" if r.get("kept") is False else "tab:blue" for r in rows][::-1]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.2), sharey=True)
@@ -2069,11 +2056,6 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """The device a model's weights live on."""
-    return next(model.parameters()).device
 
 
 def draw_figures(models, best, inference, crf_maps, data, receptive, rows) -> None:
@@ -2504,8 +2486,8 @@ def permutohedral_lattice(features: np.ndarray) -> tuple:
     # 2) the nearest lattice point of colour 0 (coordinates multiples of d + 1), then the simplex
     rem0 = np.rint(elevated * (1.0 / (d + 1)))  # in units of d + 1
     residual = elevated - rem0 * (d + 1)
-    # rank[i] = position of coordinate i when the residuals are sorted high to low (ties: lower i
-    # first)
+    # rank[i] = position of coordinate i when the residuals are sorted high to low (ties: lower
+    # i first)
     rank = np.zeros((d + 1, n), dtype=np.int8)
     for i in range(d + 1):
         for j in range(i + 1, d + 1):
@@ -2600,9 +2582,7 @@ def permutohedral_lattice(features: np.ndarray) -> tuple:
             position = np.minimum(
                 np.searchsorted(vertex_codes[nxt], wanted), len(vertex_codes[nxt]) - 1
             )
-            found = np.flatnonzero(
-                vertex_codes[nxt][position] == wanted
-            )  # missing ones stay at row m
+            found = np.flatnonzero(vertex_codes[nxt][position] == wanted)  # others stay at row m
             here, there = renumber[bounds[k] + found], renumber[bounds[nxt] + position[found]]
             indices[here, 1] = there
             indices[there, 2] = here
@@ -2610,14 +2590,20 @@ def permutohedral_lattice(features: np.ndarray) -> tuple:
     return splat, blurs, slice_
 
 
-def lattice_filter(lattice: tuple, values):
-    """Approximate Gaussian filter of values (N, L) (numpy or torch, same type back): splat, blur,
-    slice."""
-    splat, blurs, slice_ = lattice
-    v = sparse_matmul(splat, torch.as_tensor(values, dtype=torch.float32))  # (M+1, L)
+def splat_and_blur(lattice: tuple, values: torch.Tensor) -> torch.Tensor:
+    """Values (N, L) at the pixels -> blurred values (M+1, L) at the lattice's vertices."""
+    splat, blurs, _ = lattice
+    v = sparse_matmul(splat, values)  # (M+1, L)
     for blur in blurs:
         v = sparse_matmul(blur, v)
-    v = sparse_matmul(slice_, v)  # (N, L)
+    return v
+
+
+def lattice_filter(lattice: tuple, values):
+    """Approximate Gaussian filter of values (N, L): splat, blur, slice (numpy or torch in, the
+    same type out)."""
+    v = splat_and_blur(lattice, torch.as_tensor(values, dtype=torch.float32))
+    v = sparse_matmul(lattice[2], v)  # slice: (N, L)
     return v.numpy() if isinstance(values, np.ndarray) else v
 
 
@@ -2646,12 +2632,7 @@ def summed_lattice_filter(lattices: list):
     )
 
     def filter_(v: torch.Tensor) -> torch.Tensor:
-        blurred = []
-        for splat, blurs, _ in lattices:
-            x = sparse_matmul(splat, v)
-            for blur in blurs:
-                x = sparse_matmul(blur, x)
-            blurred.append(x)
+        blurred = [splat_and_blur(lattice, v) for lattice in lattices]
         return sparse_matmul(slice_, torch.cat(blurred))
 
     return filter_
@@ -2680,28 +2661,22 @@ def dense_crf(
     if params["smooth_weight"]:
         lattices.append(spatial_lattice(h, w, params["smooth_sxy"], params["smooth_weight"]))
     if params["app_weight"]:
-        pixels = (
-            image.permute(1, 2, 0).numpy().astype(np.float64) * 255.0
-        )  # (H, W, 3), srgb is in 0..255
+        # (H, W, 3) in 0..255, the unit of srgb
+        pixels = image.permute(1, 2, 0).numpy().astype(np.float64) * 255.0
         features = crf_features(pixels, params["app_sxy"], params["app_srgb"])
         lattices.append(normalized_lattice(permutohedral_lattice(features), params["app_weight"]))
     kernels = [summed_lattice_filter(lattices)] if lattices else []
-    flat = (
-        probs.reshape(labels, -1).T.contiguous().float()
-    )  # (L, H, W) -> (H*W, L), row-major pixels
+    flat = probs.reshape(labels, -1).T.contiguous().float()  # (L, H, W) -> (H*W, L), row-major
     return mean_field(flat, kernels, iterations).T.reshape(labels, h, w)
 
 
 def benchmark_crf(seed: int) -> dict:
-    """Time the lattice CRF at CRF_BENCHMARK_SIZE (the reference's 375 x 500), 21 labels, 5
+    """Time the lattice CRF at CRF_BENCHMARK_SIZE (the reference's 375 x 500), 21 labels and 5
     iterations."""
     rng = np.random.default_rng([seed, 99])
     h, w = CRF_BENCHMARK_SIZE
     image, labels = draw_scene(rng, max(h, w))
-    image, labels = (
-        torch.from_numpy(image[:, :h, :w]),
-        torch.from_numpy(labels[:h, :w]),
-    )  # (3, H, W)
+    image, labels = torch.from_numpy(image[:, :h, :w]), torch.from_numpy(labels[:h, :w])
     logits = (
         3.0 * F.one_hot(labels, 21).permute(2, 0, 1).float()
         + torch.from_numpy(rng.normal(0, 1.5, (21, h, w))).float()

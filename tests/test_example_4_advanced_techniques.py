@@ -30,7 +30,7 @@ def mod():
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Run torch on one thread (NUM_THREADS = 1: faster when a CI CPU is shared), then restore."""
+    """Run torch on one thread (faster when a CI CPU is shared), then restore its count."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -171,6 +171,20 @@ def test_gridding_leaves_holes_that_hybrid_rates_fill(mod):
 
     assert holes((2, 2, 2)) > 0  # only even offsets are ever reached
     assert holes((1, 2, 5)) == 0
+
+
+def test_gridding_report_counts_the_holes_of_each_dilation_schedule(mod, capsys):
+    results = mod.gridding_report()
+    assert {name: r["formula"] for name, r in results.items()} == {
+        "rates 1,1,1": 7,  # 1 + 3 * 2
+        "rates 2,2,2 (gridding)": 13,  # 1 + 3 * 4
+        "rates 1,2,5 (hybrid)": 17,  # 1 + 2 * (1 + 2 + 5)
+    }
+    assert all(r["measured"] == r["formula"] for r in results.values())
+    # rates 2, 2, 2 reach only even offsets: of the 13 x 13 square, 13^2 - 7^2 = 120 pixels
+    assert results["rates 2,2,2 (gridding)"]["holes_inside_rf"] == 13**2 - 7**2
+    assert results["rates 1,2,5 (hybrid)"]["holes_inside_rf"] == 0
+    assert "120 holes" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,20 +428,6 @@ def test_iou_nan_rule_and_mean(mod):
     assert iou[0].item() == pytest.approx(1 / 2) and iou[1].item() == pytest.approx(1 / 2)
     assert math.isnan(iou[2].item())
     assert metrics["miou"] == pytest.approx(0.5)
-
-
-def test_gridding_report_counts_the_holes_of_each_dilation_schedule(mod, capsys):
-    results = mod.gridding_report()
-    assert {name: r["formula"] for name, r in results.items()} == {
-        "rates 1,1,1": 7,  # 1 + 3 * 2
-        "rates 2,2,2 (gridding)": 13,  # 1 + 3 * 4
-        "rates 1,2,5 (hybrid)": 17,  # 1 + 2 * (1 + 2 + 5)
-    }
-    assert all(r["measured"] == r["formula"] for r in results.values())
-    # rates 2, 2, 2 reach only even offsets: of the 13 x 13 square, 13^2 - 7^2 = 120 pixels
-    assert results["rates 2,2,2 (gridding)"]["holes_inside_rf"] == 13**2 - 7**2
-    assert results["rates 1,2,5 (hybrid)"]["holes_inside_rf"] == 0
-    assert "120 holes" in capsys.readouterr().out
 
 
 def test_boundary_f1(mod, isolated):
