@@ -223,9 +223,8 @@ class RandomDihedral(nn.Module):
     A square has 8 symmetries: 4 quarter turns, each with or without a mirror. One draw picks
     one of them; this gives exactly the statistics of random horizontal flip + random vertical
     flip + random quarter turn, in one step instead of three (benchmarks/README.md has the
-    timing).
-    A transform of your own can join a v2 pipeline as a plain module whose forward takes and
-    returns (image, mask). Pixels only move: nothing is interpolated.
+    timing). A transform of your own can join a v2 pipeline as a plain module whose forward
+    takes and returns (image, mask). Pixels only move: nothing is interpolated.
     """
 
     def forward(self, image: tv_tensors.Image, mask: tv_tensors.Mask):
@@ -390,7 +389,10 @@ class DoubleConv(nn.Sequential):
 
 
 class Down(nn.Sequential):
-    """Halve H and W (2x2 max pooling), then DoubleConv: (N, C_in, H, W) -> (N, C_out, H/2, W/2)."""
+    """Halve H and W (2x2 max pooling), then DoubleConv.
+
+    (N, C_in, H, W) -> (N, C_out, H // 2, W // 2): pooling rounds odd sizes down (127 -> 63).
+    """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))

@@ -278,15 +278,14 @@ def test_evaluate_uses_the_learned_batchnorm_statistics_and_leaves_them_alone(is
             module.running_mean.uniform_(-1.0, 1.0)
             module.running_var.uniform_(0.5, 2.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=ex1.IGNORE_INDEX)
     model.train()
-    loss, confusion = ex1.evaluate(model, loaders["val"], loss_fn, torch.device("cpu"))
+    loss, confusion = ex1.evaluate(model, loaders["val"], _LOSS, _CPU)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} changed during evaluation"
     # the same loss computed independently, in eval mode
     model.eval()
     with torch.no_grad():
-        total = sum(loss_fn(model(x), y).item() * len(x) for x, y in loaders["val"])
+        total = sum(_LOSS(model(x), y).item() * len(x) for x, y in loaders["val"])
     assert loss == pytest.approx(total / len(loaders["val"].dataset), rel=1e-5)
 
 
@@ -307,8 +306,7 @@ def test_nan_loss_stops_with_a_clear_message(isolated):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     with pytest.raises(SystemExit, match="loss became nan.*LEARNING_RATE"):
         ex1.train_one_epoch(
-            model, loaders["train"], torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler,
-            torch.device("cpu"), epoch=1,
+            model, loaders["train"], _LOSS, optimizer, scheduler, scaler, _CPU, epoch=1
         )
 
 
@@ -328,7 +326,7 @@ def test_ctrl_c_keeps_the_best_checkpoint(isolated, tmp_path, monkeypatch):
     checkpoint = tmp_path / "best.pt"
     history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, _LOSS, _CPU, checkpoint)
     assert [h["epoch"] for h in history] == [1]
-    model, saved = ex1.load_model(checkpoint, torch.device("cpu"))
+    model, saved = ex1.load_model(checkpoint, _CPU)
     assert saved["epoch"] == 1 and not checkpoint.with_name("best.pt.tmp").exists()
 
 
@@ -341,7 +339,7 @@ def test_early_stopping_after_patience_epochs(isolated, tmp_path, monkeypatch, c
     checkpoint = tmp_path / "b.pt"
     history = ex1.fit(ex1.UNet(**ex1.model_config()), loaders, _LOSS, _CPU, checkpoint)
     assert len(history) == 3  # epoch 1 is the best, epochs 2 and 3 do not improve
-    assert ex1.load_model(checkpoint, torch.device("cpu"))[1]["epoch"] == 1
+    assert ex1.load_model(checkpoint, _CPU)[1]["epoch"] == 1
     # one time estimate, after the first epoch, not one per epoch
     assert capsys.readouterr().out.count("estimated time to the end of training") == 1
 
@@ -442,7 +440,7 @@ def test_predict_matches_the_model_on_a_training_sized_image_whatever_its_bright
     for name, pixels in (("photo", image), ("dark", 0.4 * image + 0.1)):
         path = tmp_path / f"{name}.png"
         Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
-        overlay = np.asarray(Image.open(ex1.predict_image(path, checkpoint, torch.device("cpu"))))
+        overlay = np.asarray(Image.open(ex1.predict_image(path, checkpoint, _CPU)))
         original = np.asarray(Image.open(path))
         overlays.append(np.any(overlay != original, axis=-1))  # (32, 32): tinted = "object"
     assert overlays[0].shape == (32, 32)
