@@ -38,8 +38,8 @@ encoder starts from random weights. PRETRAINED_WEIGHTS = a local file reads that
 What you should see
 -------------------
 The default run (`python pretrained_segmentation.py`; offline: no VOC in data/, so the synthetic
-set, both encoders from random weights) on a 2-core CPU took 228 s in total and
-ended with (the best model is chosen on validation; the test split only reports):
+set, both encoders from random weights) on a 2-core CPU took 228 s in total and ended with
+(the best model is chosen on validation; the test split only reports):
 
     model                         params  train s  val mIoU  test mIoU  MS+flip  pix acc  ceiling
     deeplabv3_resnet18_scratch     13.3M      107     0.494      0.474    0.481    0.902    0.520
@@ -51,8 +51,8 @@ DeepLabV3 is within 5 points of what its output stride allows; FPN predicts at s
 
 Real photos, DATASET = "folder" on Stanford Background (715 outdoor photos of ~320 x 240, 8
 classes, seeded 501/107/107 split), default settings, encoder from random weights:
-val mIoU 0.478, test mIoU 0.461 (0.462 with flips), pixel accuracy 0.701, in 496 s on a
-2-core CPU.
+val mIoU 0.478, test mIoU 0.461 (0.462 with flips), pixel accuracy 0.701, in 496 s on a 2-core
+CPU.
 
 References
 ----------
@@ -682,7 +682,10 @@ def train_pairs(dataset: Dataset) -> list[tuple[Path, Path]]:
 
 
 def load_datasets() -> tuple[dict[str, Dataset], dict]:
-    """({train, val, test} datasets, {"dataset": "voc"/"folder"/"synthetic", "classes", "real"})."""
+    """({train, val, test} datasets, {"dataset": "voc"/"folder"/"synthetic", "classes", "real"}).
+
+    Photos ("voc", "folder") add "train_pairs": the training files, for the class weights.
+    """
     if DATASET == "folder":
         datasets, names = load_folder()
         info = {"dataset": "folder", "classes": names, "real": True}
@@ -790,8 +793,8 @@ def training_plan(real: bool, train_size: int, world: int = 1) -> dict:
     }  # fmt: skip
 
 
-def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict, dict]:
-    """Datasets, their description, the training plan that fits them, and the three loaders."""
+def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict]:
+    """The data's description (source, classes), the training plan that fits it, three loaders."""
     datasets, source = load_datasets()
     classes, real = source["classes"], source["real"]
     plan = training_plan(real, len(datasets["train"]), world)
@@ -816,7 +819,7 @@ def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict, dict]:
             f"photos: {plan['steps']} steps of {plan['batch_size']} crops of {plan['crop']} px, "
             f"network input at {side}, scored at the masks' full size"
         )
-    return datasets, source, plan, loaders
+    return source, plan, loaders
 
 
 # %% 2. Model: pretrained encoder + DeepLabV3 / DeepLabV3+ / FPN decoder
@@ -1481,6 +1484,11 @@ def record(history: list, round_: int, step: int, total: int, loss: float, val, 
     )
 
 
+def checkpoint_state(model: SegmentationModel) -> dict:
+    """A checkpoint's contents: the weights, and the config --predict rebuilds the model from."""
+    return {"model": model.state_dict(), "config": model.config}
+
+
 def keep_if_best(model: SegmentationModel, name: str, val_miou: float, best: dict) -> bool:
     """Keep (in memory and on disk) weights that beat the best validation mIoU so far.
 
@@ -1491,8 +1499,7 @@ def keep_if_best(model: SegmentationModel, name: str, val_miou: float, best: dic
         best["val_miou"], best["stale"] = val_miou, 0
         best["weights"] = {k: value.detach().clone() for k, value in model.state_dict().items()}
         if is_main_process():
-            state = {"model": model.state_dict(), "config": model.config}
-            save_checkpoint(state, OUTPUT_DIR / f"{name}.pt")
+            save_checkpoint(checkpoint_state(model), OUTPUT_DIR / f"{name}.pt")
         return True
     best["stale"] += 1
     if best["stale"] >= PATIENCE:
@@ -1807,7 +1814,7 @@ def result_row(name, model, training: dict, cm, single: dict, multi: dict) -> di
         "mean_class_accuracy": single["mean_class_accuracy"],
         "miou_multiscale": multi["miou"],
         "pixel_accuracy_multiscale": multi["pixel_accuracy"],
-        # NaN (class absent from truth and prediction) is not valid JSON: stored as null
+        # NaN (class absent from truth and prediction) -> None: "-" in the report, null in JSON
         "per_class_iou": [None if math.isnan(v) else v for v in single["per_class_iou"]],
         "per_class_accuracy": [None if math.isnan(v) else v for v in single["per_class_accuracy"]],
         "history": training["history"],
@@ -1875,8 +1882,7 @@ def save_results(runs: list[dict], models: dict, source: dict, device, world: in
     }
     if is_main_process():
         best = models[metrics["best_model"]]
-        state = {"model": best.state_dict(), "config": best.config}
-        save_checkpoint(state, OUTPUT_DIR / "best_model.pt")
+        save_checkpoint(checkpoint_state(best), OUTPUT_DIR / "best_model.pt")
         write_json(metrics, OUTPUT_DIR / "metrics.json")
         log(
             f"\nsaved metrics.json, best_model.pt ({metrics['best_model']}, best on validation) "
@@ -1916,8 +1922,8 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(SEED)
     log(f"device: {device}, processes: {world}")
 
-    # 1. Data: VOC, your own folders, and a synthetic stand-in -> datasets, plan, loaders
-    datasets, source, plan, loaders = prepare_data(rank, world)
+    # 1. Data: VOC, your own folders, and a synthetic stand-in -> source, plan, loaders
+    source, plan, loaders = prepare_data(rank, world)
     classes = source["classes"]
     # 2. Model: pretrained encoder + DeepLabV3 / DeepLabV3+ / FPN decoder, for every pair of the
     # plan: built (section 2), trained (section 5), tested once (section 4); see section 8
