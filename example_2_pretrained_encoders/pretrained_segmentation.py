@@ -38,12 +38,12 @@ encoder starts from random weights. PRETRAINED_WEIGHTS = a local file reads that
 What you should see
 -------------------
 The default run (`python pretrained_segmentation.py`; offline: no VOC in data/, so the synthetic
-set, both encoders from random weights) on a 2-core CPU took 228 s in total and ended with
+set, both encoders from random weights) on a 2-core CPU took 263 s in total and ended with
 (the best model is chosen on validation; the test split only reports):
 
     model                         params  train s  val mIoU  test mIoU  MS+flip  pix acc  ceiling
-    deeplabv3_resnet18_scratch     13.3M      107     0.494      0.474    0.481    0.902    0.520
-    fpn_resnet18_scratch           12.5M      105     0.874      0.892    0.899    0.985    0.995
+    deeplabv3_resnet18_scratch     13.3M      125     0.494      0.474    0.481    0.902    0.520
+    fpn_resnet18_scratch           12.5M      118     0.874      0.892    0.899    0.985    0.995
 
 "ceiling" is the test mIoU of the true labels squeezed through the model's output stride: on
 64-px images DeepLabV3's stride-16 map is 4 x 4, and even perfect logits on it score 0.520, so

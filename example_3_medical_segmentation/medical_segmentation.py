@@ -25,7 +25,7 @@ How to run
 ----------
 From this folder (``example_3_medical_segmentation/``)::
 
-    python medical_segmentation.py                 # full run, about 1 minute on a 2-core CPU
+    python medical_segmentation.py                 # full run, about 1.5 minutes on a 2-core CPU
     python medical_segmentation.py --quick         # tiny set-up check in seconds (outputs/quick/)
     python medical_segmentation.py --predict outputs/example_slice.png   # segment an image
     python medical_segmentation.py --data-dir ~/data/chase_db1   # your photos (see README.md)
@@ -42,7 +42,7 @@ Nothing is downloaded. Such a run writes ``best_model.pt``, ``metrics.json``,
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 62 s in total and printed (abridged; the full
+On a 2-core CPU (no GPU) the default run took 85 s in total and printed (abridged; the full
 output is in README.md)::
 
     model: U-Net, 3 input channels, depth 3, base width 12: 271,935 parameters
@@ -58,21 +58,21 @@ output is in README.md)::
     test, out-of-domain scanner D (6 patients): mean +- std [Student-t 95% CI]
       dice         organ 0.907 +- 0.016 [0.891, 0.924] | lesion 0.744 +- 0.100 [0.638, 0.849]
       lesions found 14/14 (lesion-wise sensitivity 1.00), false-positive lesions 18
-    test Dice organ 0.973 | lesion 0.936 | total 62 s | outputs in .../outputs
+    test Dice organ 0.973 | lesion 0.936 | total 85 s | outputs in .../outputs
 
 With --data-dir on CHASE_DB1 (retinal vessels: 20 training photos of 999 x 960, 16 train + 4
-validation, 8 test, field-of-view masks) the same CPU took 305 s and printed (abridged)::
+validation, 8 test, field-of-view masks) the same CPU took 391 s and printed (abridged)::
 
-    step   250/1500 | train loss 1.0250 | val Dice vessel 0.641 (best) | 48 s
-    estimated time to the end of training: about 4 min
-    step  1500/1500 | train loss 0.3509 | val Dice vessel 0.816 (best) | 275 s
+    step   250/1500 | train loss 1.0250 | val Dice vessel 0.641 (best) | 60 s
+    estimated time to the end of training: about 5 min
+    step  1500/1500 | train loss 0.3509 | val Dice vessel 0.816 (best) | 352 s
     test (8 images): mean +- std [Student-t 95% CI]
       dice         vessel 0.796 +- 0.018 [0.781, 0.811]
       sensitivity  vessel 0.833 +- 0.042 [0.798, 0.869]
       specificity  vessel 0.974 +- 0.004 [0.971, 0.978]
       auc          vessel 0.982 +- 0.004 [0.978, 0.986]
       pooled over all test pixels: Dice vessel 0.796
-    test Dice vessel 0.796 (pooled 0.796) | total 305 s | outputs in .../outputs
+    test Dice vessel 0.796 (pooled 0.796) | total 391 s | outputs in .../outputs
 
 References
 ----------
