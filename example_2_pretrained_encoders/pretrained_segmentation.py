@@ -151,7 +151,7 @@ SYNTHETIC_SPLIT_SIZES = (1200, 100, 200)  # train, val, test images of the synth
 MAX_IMAGES_PER_SPLIT = None  # cap every split (--quick uses it); None = the whole split
 SCALE_RANGE = (0.75, 1.25)  # synthetic: random rescale before the crop, objects at several sizes
 JITTER = 0.1  # synthetic: photometric jitter (brightness, contrast, saturation); 0 turns it off
-NUM_CLASSES = 21  # VOC and synthetic: background + 20 objects ("folder": from classes.txt/masks)
+NUM_CLASSES = 21  # synthetic: background + 20 objects (photos: classes.txt, labelmap.txt or VOC's)
 IGNORE_INDEX = 255  # VOC's label for object outlines and padding: no loss, no metric
 
 # model
@@ -303,19 +303,48 @@ def real_train_transform(image: torch.Tensor, mask: torch.Tensor):
     return apply_paired(transform, image, mask)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A label PNG (class indices, "L"/"P"/"I" mode) -> int64 H x W; colour PNGs are an error."""
+def read_mask(path: Path, colours: dict | None = None) -> np.ndarray:
+    """A label PNG -> int64 H x W class ids.
+
+    Index masks ("L"/"P"/"I" mode) hold the ids themselves. Colour masks (RGB), as annotation
+    tools export VOC-format folders, need `colours`, {(r, g, b): class id}; without it they are
+    an error that says how to convert them.
+    """
     try:
         mask = Image.open(path)
         if mask.mode in ("RGB", "RGBA", "LA"):
-            raise SystemExit(
-                f"error: {path} is a colour image; masks must store class indices (a mode L or a "
-                "palette P PNG, 255 = ignore), e.g. Image.fromarray(labels.astype(np.uint8))"
-            )
+            if colours is None:
+                raise SystemExit(
+                    f"error: {path} is a colour image; masks must store class indices (a mode L "
+                    "or a palette P PNG, 255 = ignore), e.g. Image.fromarray(labels.astype("
+                    "np.uint8)); colour masks are read only in a VOC-format folder (see README)"
+                )
+            return colours_to_labels(np.array(mask.convert("RGB")), colours, path)
         # Gotcha: np.array of a palette ("P") PNG gives the class ids; .convert("RGB") gives colours
         return np.array(mask, dtype=np.int64)
     except (UnidentifiedImageError, OSError) as error:
         raise SystemExit(f"error: cannot read mask {path} ({type(error).__name__})") from None
+
+
+def colours_to_labels(rgb: np.ndarray, colours: dict, path: Path) -> np.ndarray:
+    """Colour mask H x W x 3 (uint8) -> class ids H x W (int64); an unknown colour is an error.
+
+    Gotcha: a colour mask must be saved without smoothing (PNG, no anti-aliasing, no JPEG): a
+    blended edge colour belongs to no class.
+    """
+    codes = rgb.reshape(-1, 3).astype(np.int64) @ np.array([65536, 256, 1])  # one int per pixel
+    table = {r * 65536 + g * 256 + b: label for (r, g, b), label in colours.items()}
+    unique, inverse = np.unique(codes, return_inverse=True)  # the few colours, and where they are
+    unknown = [int(code) for code in unique if int(code) not in table]
+    if unknown:
+        code = unknown[0]
+        raise SystemExit(
+            f"error: mask {path} has the colour {(code >> 16, (code >> 8) & 255, code & 255)}, "
+            f"which no class has ({len(unknown)} unknown colour(s)); labelmap.txt must give every "
+            "class its colour (name:r,g,b::), or save masks without smoothing"
+        )
+    labels = np.array([table[int(code)] for code in unique], dtype=np.int64)
+    return labels[inverse.ravel()].reshape(rgb.shape[:2])  # H x W class ids
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -327,7 +356,7 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # H x W x 3 -> 3 x H x W
 
 
-def check_pairs(pairs: list[tuple[Path, Path]], num_classes: int | None) -> int:
+def check_pairs(pairs: list[tuple[Path, Path]], num_classes: int | None, colours=None) -> int:
     """Read every mask once: same size as its image, values < num_classes or 255. Returns max label.
 
     A bad file stops the run here, with its name, instead of crashing mid-training (on a GPU an
@@ -335,7 +364,7 @@ def check_pairs(pairs: list[tuple[Path, Path]], num_classes: int | None) -> int:
     """
     largest = -1
     for image_path, mask_path in pairs:
-        mask = read_mask(mask_path)
+        mask = read_mask(mask_path, colours)
         with Image.open(image_path) as image:  # reads the header only: cheap
             width, height = image.size
         if mask.shape != (height, width):
@@ -356,7 +385,7 @@ def check_pairs(pairs: list[tuple[Path, Path]], num_classes: int | None) -> int:
     return largest
 
 
-def class_weights(pairs: list[tuple[Path, Path]], num_classes: int) -> torch.Tensor:
+def class_weights(pairs: list[tuple[Path, Path]], num_classes: int, colours=None) -> torch.Tensor:
     """Loss weight per class, 1/sqrt(its share of the labelled training pixels), mean 1.
 
     Rare classes (a pole, a sign) weigh more, so that the loss does not let the model ignore them;
@@ -364,7 +393,7 @@ def class_weights(pairs: list[tuple[Path, Path]], num_classes: int) -> torch.Ten
     """
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for _, mask_path in pairs:
-        mask = torch.from_numpy(read_mask(mask_path)).flatten()
+        mask = torch.from_numpy(read_mask(mask_path, colours)).flatten()
         counts += torch.bincount(mask[mask < num_classes], minlength=num_classes).double()
     share = counts / counts.sum().clamp(min=1)
     weights = torch.where(share > 0, share.clamp(min=1e-12).rsqrt(), torch.zeros_like(share))
@@ -372,17 +401,20 @@ def class_weights(pairs: list[tuple[Path, Path]], num_classes: int) -> torch.Ten
 
 
 class PairedFiles(Dataset):
-    """(image file, mask file) pairs -> (3 x H x W float32 in [0, 1], H x W int64), transformed."""
+    """(image file, mask file) pairs -> (3 x H x W float32 in [0, 1], H x W int64), transformed.
 
-    def __init__(self, pairs: list[tuple[Path, Path]], transform=None):
-        self.pairs, self.transform = pairs, transform
+    colours: {(r, g, b): class id} for colour masks (VOC-format exports), else None.
+    """
+
+    def __init__(self, pairs: list[tuple[Path, Path]], transform=None, colours=None):
+        self.pairs, self.transform, self.colours = pairs, transform, colours
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        image, mask = read_image(image_path), torch.from_numpy(read_mask(mask_path))
+        image, mask = read_image(image_path), torch.from_numpy(read_mask(mask_path, self.colours))
         if self.transform:  # augmented crop, float32 in [0, 1]
             return self.transform(image, mask)
         return image.float() / 255.0, mask  # the whole image, float32 in [0, 1]
@@ -537,15 +569,21 @@ def split_three_ways(items: list, where) -> tuple[list, list, list]:
     return items[n_val + n_test :], items[:n_val], items[n_val : n_val + n_test]
 
 
-def real_datasets(splits: dict[str, list], num_classes: int) -> dict[str, Dataset]:
+def real_datasets(splits: dict[str, list], num_classes: int, colours=None) -> dict[str, Dataset]:
     """File pairs per split -> datasets: augmented crops for training, whole images otherwise."""
     for pairs in splits.values():
-        check_pairs(pairs, num_classes)
+        check_pairs(pairs, num_classes, colours)
     return {
-        "train": cap(PairedFiles(splits["train"], real_train_transform)),
-        "val": cap(PairedFiles(splits["val"])),
-        "test": cap(PairedFiles(splits["test"])),
+        "train": cap(PairedFiles(splits["train"], real_train_transform, colours)),
+        "val": cap(PairedFiles(splits["val"], None, colours)),
+        "test": cap(PairedFiles(splits["test"], None, colours)),
     }
+
+
+# A VOC-format folder holds JPEGImages/<id>.jpg, SegmentationClass/<id>.png and the lists of ids in
+# ImageSets/Segmentation/ (train.txt, val.txt). Annotation tools (CVAT, Datumaro) export the same
+# layout with their own classes: a labelmap.txt with one "name:r,g,b:parts:actions" line per class
+# (background first), colour masks drawn in those colours, and one list per subset (default.txt).
 
 
 def find_voc_root() -> Path | None:
@@ -553,35 +591,105 @@ def find_voc_root() -> Path | None:
     root = Path(DATA_ROOT)
     candidates = [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))] if root.is_dir() else []
     for folder in candidates:
-        if (folder / "ImageSets" / "Segmentation").is_dir():
+        lists = (folder / "ImageSets" / "Segmentation").is_dir()
+        masks = (folder / "SegmentationClass").is_dir() and (folder / "JPEGImages").is_dir()
+        if lists or masks:
             return folder
-    for folder in candidates:  # VOC's folders are there, its lists are not: say so, do not guess
+    for folder in candidates:  # VOC's folders are there, but not its masks: say so, do not guess
         if folder.name.startswith("VOC20") or (folder / "SegmentationClass").is_dir():
             raise SystemExit(
-                f"error: {folder} is not a complete VOC 2012 folder (no ImageSets/Segmentation/"
-                "train.txt); it needs JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/"
+                f"error: {folder} is not a complete VOC 2012 folder; it needs JPEGImages/ and "
+                "SegmentationClass/ (and the lists of ImageSets/Segmentation/, e.g. train.txt)"
             )
     return None
 
 
-def voc_pairs(voc_root: Path, list_file: Path) -> list[tuple[Path, Path]]:
-    """The (JPEGImages/<id>.jpg, SegmentationClass/<id>.png) pairs named by one ImageSets list."""
-    names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-    if not names:
-        raise SystemExit(f"error: {list_file} lists no images")
+def read_label_map(voc_root: Path) -> tuple[tuple[str, ...], dict]:
+    """Class names and mask colours {(r, g, b): id}: the folder's labelmap.txt, else VOC's 21.
+
+    VOC's cream outline colour (224, 224, 192) means ignore (255) unless a class claims it.
+    """
+    path = voc_root / "labelmap.txt"
+    if path.is_file():
+        names, colours = [], {}
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, _, rest = line.partition(":")
+            try:
+                rgb = tuple(int(value) for value in rest.split(":")[0].split(","))
+            except ValueError:
+                rgb = ()
+            if not name.strip() or len(rgb) != 3:
+                raise SystemExit(f"error: {path} line {number} is not name:r,g,b:parts:actions")
+            colours[rgb] = len(names)  # class id = line order, background first
+            names.append(name.strip())
+        if len(names) < 2:
+            raise SystemExit(f"error: {path} must name at least 2 classes (background first)")
+        names = tuple(names)
+    else:
+        palette = voc_palette()
+        names = VOC_CLASSES
+        colours = {tuple(int(v) for v in palette[k]): k for k in range(len(names))}
+    colours.setdefault(tuple(int(v) for v in voc_palette()[IGNORE_INDEX]), IGNORE_INDEX)
+    return names, colours
+
+
+def voc_pairs(voc_root: Path, ids: list[str], where: Path) -> list[tuple[Path, Path]]:
+    """The (JPEGImages/<id>.jpg (or .png, ...), SegmentationClass/<id>.png) pairs of `ids`."""
+    if not ids:
+        raise SystemExit(f"error: {where} lists no images")
     pairs = []
-    for name in names:
-        image = voc_root / "JPEGImages" / f"{name}.jpg"
+    for name in ids:
         mask = voc_root / "SegmentationClass" / f"{name}.png"
+        images = [voc_root / "JPEGImages" / f"{name}{ext}" for ext in IMAGE_EXTENSIONS]
+        image = next((path for path in images if path.is_file()), images[0])
         for path in (image, mask):
             if not path.is_file():
-                raise SystemExit(f"error: {path} is missing (listed in {list_file})")
+                raise SystemExit(f"error: {path} is missing (named in {where})")
         pairs.append((image, mask))
     return pairs
 
 
-def load_voc() -> dict[str, Dataset] | None:
-    """A VOC-format folder as {train, val, test} (val = held-out train, test = VOC val), or None."""
+def read_ids(list_file: Path) -> list[str]:
+    """The image ids of an ImageSets list, one per line (VOC's main lists add a flag: dropped)."""
+    return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+
+
+def voc_splits(voc_root: Path) -> dict[str, list]:
+    """train / val / test pairs: VOC's train.txt and val.txt, else one seeded split of all ids.
+
+    With train.txt, VOC's val.txt is the test split (as in the papers) and validation is held
+    out of train. Without it (an export's default.txt, a trainval.txt, or no lists at all) every
+    listed image (or every mask) is split SPLIT_FRACTIONS ways.
+    """
+    lists = voc_root / "ImageSets" / "Segmentation"
+    if (lists / "train.txt").is_file():
+        train = voc_pairs(voc_root, read_ids(lists / "train.txt"), lists / "train.txt")
+        if (lists / "val.txt").is_file():
+            test = voc_pairs(voc_root, read_ids(lists / "val.txt"), lists / "val.txt")
+        else:
+            train, test = hold_out(train, VAL_FRACTION, "test", lists / "train.txt")
+        train, val = hold_out(train, VAL_FRACTION, "validation", lists / "train.txt")
+        return {"train": train, "val": val, "test": test}
+    list_files = sorted(lists.glob("*.txt")) if lists.is_dir() else []
+    if list_files:  # every list's ids, each once, in a fixed order
+        ids = sorted({name for path in list_files for name in read_ids(path)})
+        where = list_files[0] if len(list_files) == 1 else lists
+    else:
+        ids = sorted(path.stem for path in (voc_root / "SegmentationClass").glob("*.png"))
+        where = voc_root / "SegmentationClass"
+    pairs = voc_pairs(voc_root, ids, where)
+    log(
+        f"note: no ImageSets/Segmentation/train.txt in {voc_root}: the {len(pairs)} images of "
+        f"{where.name} get a seeded train/val/test split"
+    )
+    train, val, test = split_three_ways(pairs, voc_root)
+    return {"train": train, "val": val, "test": test}
+
+
+def load_voc() -> tuple[dict[str, Dataset], tuple[str, ...], dict] | None:
+    """A VOC-format folder as ({train, val, test}, class names, mask colours), or None."""
     voc_root = find_voc_root()
     if voc_root is None:
         expected = Path(DATA_ROOT) / "VOCdevkit" / "VOC2012"
@@ -604,17 +712,10 @@ def load_voc() -> dict[str, Dataset] | None:
                 "synthetic VOC-like dataset"
             )
             return None
-    lists = voc_root / "ImageSets" / "Segmentation"
-    if not (lists / "train.txt").is_file():
-        raise SystemExit(f"error: {voc_root} is not a complete VOC folder (no {lists}/train.txt)")
-    train = voc_pairs(voc_root, lists / "train.txt")
-    if (lists / "val.txt").is_file():  # VOC's val list is the test split, as in the papers
-        test = voc_pairs(voc_root, lists / "val.txt")
-    else:
-        train, test = hold_out(train, VAL_FRACTION, "test", lists / "train.txt")
-    train, val = hold_out(train, VAL_FRACTION, "validation", lists / "train.txt")
-    log(f"reading VOC-format data from {voc_root}")
-    return real_datasets({"train": train, "val": val, "test": test}, NUM_CLASSES)
+    names, colours = read_label_map(voc_root)
+    splits = voc_splits(voc_root)
+    log(f"reading VOC-format data from {voc_root} ({len(names)} classes)")
+    return real_datasets(splits, len(names), colours), names, colours
 
 
 def folder_pairs(split_root: Path) -> list[tuple[Path, Path]]:
@@ -693,8 +794,9 @@ def load_datasets() -> tuple[dict[str, Dataset], dict]:
     if DATASET == "voc":
         voc = load_voc()
         if voc is not None:
-            info = {"dataset": "voc", "classes": VOC_CLASSES, "real": True}
-            return voc, info | {"train_pairs": train_pairs(voc["train"])}
+            datasets, names, colours = voc
+            info = {"dataset": "voc", "classes": names, "real": True, "colours": colours}
+            return datasets, info | {"train_pairs": train_pairs(datasets["train"])}
     elif DATASET != "synthetic":
         raise SystemExit(f'error: DATASET must be "voc", "folder" or "synthetic", not {DATASET!r}')
     n_train, n_val, n_test = SYNTHETIC_SPLIT_SIZES
@@ -799,7 +901,9 @@ def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict]:
     classes, real = source["classes"], source["real"]
     plan = training_plan(real, len(datasets["train"]), world)
     if real and CLASS_WEIGHTING == "sqrt":
-        plan["class_weights"] = class_weights(source["train_pairs"], len(classes))
+        plan["class_weights"] = class_weights(
+            source["train_pairs"], len(classes), source.get("colours")
+        )
         weights = ", ".join(f"{name} {w:.2f}" for name, w in zip(classes, plan["class_weights"]))
         log(f"class weights of the loss (1/sqrt of the pixel share): {weights}")
     eval_batch = 1 if real else BATCH_SIZE  # photos one at a time: no padding, no batch mates

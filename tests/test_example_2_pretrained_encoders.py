@@ -5,6 +5,7 @@ Run from the repository root: python -m pytest -q tests/test_example_2_pretraine
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -603,6 +604,100 @@ def test_a_tiny_voc_format_folder_with_only_a_train_list_still_splits(mod, isola
     datasets, source = mod.load_datasets()
     assert source["dataset"] == "voc"
     assert [len(datasets[s]) for s in ("train", "val", "test")] == [1, 1, 1]  # 3 images, 3 splits
+
+
+EXPORT_CLASSES = {"background": (0, 0, 0), "cat": (250, 50, 83), "dog": (42, 125, 209)}
+
+
+def write_voc_export(root: Path, count: int, colours: np.ndarray | None = None) -> dict:
+    """A VOC-format folder as CVAT / Datumaro export it: labelmap.txt with the classes' colours,
+    RGB colour masks, PNG images, one subset list (default.txt). Returns {id: true labels}.
+
+    colours: the RGB of class 0, 1, 2 and of ignore (255); default: the labelmap's + VOC's cream.
+    """
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    lines = [f"{name}:{r},{g},{b}::" for name, (r, g, b) in EXPORT_CLASSES.items()]
+    (root / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "\n".join(lines))
+    if colours is None:
+        colours = np.array([*EXPORT_CLASSES.values(), (224, 224, 192)], dtype=np.uint8)
+    rng, written = np.random.default_rng(7), {}
+    for index in range(count):
+        name = f"frame_{index:06d}"
+        image, labels = block_scene(rng, 40 + 4 * (index % 3), 48)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{name}.png")
+        painted = colours[np.where(labels == 255, 3, labels)]  # H x W x 3 colours
+        Image.fromarray(painted).save(root / "SegmentationClass" / f"{name}.png")
+        written[name] = labels
+    (root / "ImageSets" / "Segmentation" / "default.txt").write_text("\n".join(written) + "\n")
+    return written
+
+
+def assert_splits_hold_the_true_labels(mod, datasets, source, written, sizes) -> None:
+    """Every image in exactly one split of the expected sizes, every mask decoded exactly."""
+    assert [len(datasets[s]) for s in ("train", "val", "test")] == sizes
+    stems = sorted(image.stem for s in datasets.values() for image, _ in s.pairs)
+    assert stems == sorted(written)
+    for split in ("val", "test"):  # untransformed: the decoded masks themselves
+        for index, (image_path, _) in enumerate(datasets[split].pairs):
+            truth = torch.from_numpy(written[image_path.stem])
+            assert torch.equal(datasets[split][index][1], truth)
+    for image_path, mask_path in datasets["train"].pairs:  # as the training loader decodes them
+        decoded = mod.read_mask(mask_path, source["colours"])
+        assert np.array_equal(decoded, written[image_path.stem])
+
+
+def test_a_voc_export_with_labelmap_colour_masks_and_one_list_is_read_exactly(
+    mod, isolated, tmp_path
+):
+    root = tmp_path / "export"
+    written = write_voc_export(root, 5)
+    assert Image.open(next((root / "SegmentationClass").iterdir())).mode == "RGB"
+    isolated(mod, DATA_ROOT=tmp_path, DATASET="voc")  # found one level down
+    datasets, source = mod.load_datasets()
+    assert source["dataset"] == "voc" and source["classes"] == ("background", "cat", "dog")
+    assert_splits_hold_the_true_labels(mod, datasets, source, written, [3, 1, 1])  # 70/15/15 of 5
+    again, _ = mod.load_datasets()
+    assert again["test"].pairs == datasets["test"].pairs  # the split is seeded
+
+    shutil.rmtree(root / "ImageSets")  # no lists at all: every mask of SegmentationClass
+    datasets, source = mod.load_datasets()
+    assert_splits_hold_the_true_labels(mod, datasets, source, written, [3, 1, 1])
+
+    bad = np.array(Image.open(root / "SegmentationClass" / "frame_000002.png"))
+    bad[5, 5] = (1, 2, 3)  # a colour no class has (an anti-aliased edge, say)
+    Image.fromarray(bad).save(root / "SegmentationClass" / "frame_000002.png")
+    unknown = r"^error: mask .*frame_000002\.png has the colour \(1, 2, 3\)"
+    with pytest.raises(SystemExit, match=unknown):
+        mod.load_datasets()
+
+
+def test_a_voc_folder_with_colour_masks_and_no_labelmap_uses_the_voc_palette(
+    mod, isolated, tmp_path
+):
+    palette = mod.voc_palette()
+    root = tmp_path / "VOC2012"
+    written = write_voc_export(root, 4, colours=palette[[0, 1, 2, 255]])  # (224, 224, 192) = 255
+    (root / "labelmap.txt").unlink()
+    isolated(mod, DATA_ROOT=root, DATASET="voc")
+    datasets, source = mod.load_datasets()
+    assert source["classes"] == mod.VOC_CLASSES  # 21 classes: background, aeroplane, bicycle...
+    assert_splits_hold_the_true_labels(mod, datasets, source, written, [2, 1, 1])
+
+
+def test_main_trains_on_a_voc_export_with_its_own_classes(mod, isolated, tmp_path):
+    write_voc_export(tmp_path / "export", 4)
+    isolated(
+        mod, DATA_ROOT=tmp_path / "export", DATASET="voc", PRETRAINED=False, DEVICE="cpu",
+        REAL_STEPS=2, REAL_VAL_EVERY=1, REAL_BATCH_SIZE=2, CROP_SIZE=32, REAL_SHORT_SIDE=None,
+        DECODER_CHANNELS=16, REAL_EVAL_SCALES=(1.0,), EVAL_FLIP=False,
+    )  # fmt: skip
+    metrics = mod.main([])
+    saved = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    assert saved["dataset"] == "voc" and saved["classes"] == ["background", "cat", "dog"]
+    assert 0 <= metrics["runs"][0]["miou"] <= 1
+    checkpoint = torch.load(tmp_path / "outputs" / "best_model.pt", weights_only=True)
+    assert checkpoint["config"]["num_classes"] == 3
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
