@@ -95,6 +95,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -196,8 +197,8 @@ QUICK = dict(
 )
 CT_CLASS_NAMES = ("background", "organ", "lesion")  # class index -> name; the last is the lesion
 IGNORE_INDEX = 255  # label value the loss and the metrics skip
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
-MASK_SUFFIXES = ("", "_mask", "_segmentation", "_Segmentation")  # mask stem = image stem + this
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp", ".ppm")
+MASK_SUFFIXES = ("", "_mask", "_segmentation", "_Segmentation")  # image stem + this (find_partner)
 # -----------------------------------------------------------------------------------------------
 
 
@@ -1520,26 +1521,59 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def image_id(stem: str) -> str | None:
+    """The stem's leading id, e.g. "21" of DRIVE's 21_training and 21_manual1; None if no digit."""
+    first = re.split(r"[_.\- ]", stem)[0]
+    return first if any(c.isdigit() for c in first) else None
+
+
+def find_partner(image: Path, by_stem: dict[str, Path], image_stems: list[str]) -> Path | None:
+    """The file of `by_stem` (masks or FOV masks) that belongs to `image`, or None.
+
+    Public datasets name masks in three ways, tried in this order:
+    1. the image's stem plus one of MASK_SUFFIXES: a.png, a_mask.png, ISIC's a_segmentation.png;
+    2. the one stem that is the image's stem plus a tag: CHASE_DB1's Image_01L_1stHO, STARE's
+       im0001.ah (two such files, say two annotators, are an error: keep one);
+    3. the one stem with the image's leading id, when no other image has that id: DRIVE's
+       21_training.tif and 21_manual1.gif.
+    """
+    for suffix in MASK_SUFFIXES:
+        if image.stem + suffix in by_stem:
+            return by_stem[image.stem + suffix]
+    n = len(image.stem)
+    tagged = [f for s, f in by_stem.items() if s[:n] == image.stem and s[n : n + 1] in "_.-"]
+    if len(tagged) > 1:
+        raise SystemExit(
+            f"error: {tagged[0].name} and {tagged[1].name} could both belong to {image}; keep "
+            f"one per image in {tagged[0].parent} (e.g. the first annotator's)"
+        )
+    if tagged:
+        return tagged[0]
+    key = image_id(image.stem)
+    if key is None or sum(image_id(s) == key for s in image_stems) > 1:
+        return None
+    shared = [f for s, f in by_stem.items() if image_id(s) == key]
+    return shared[0] if len(shared) == 1 else None
+
+
 def match_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
-    """Pair every image with its mask by file stem; one clear error for any unmatched file."""
+    """Pair every image with its mask (find_partner); one clear error for any unmatched file."""
     images, masks = image_files(images_dir), image_files(masks_dir)
     mask_by_stem = {m.stem: m for m in masks}
-    pairs, unmatched_images = [], []
-    for image in images:
-        found = [
-            mask_by_stem[image.stem + s] for s in MASK_SUFFIXES if image.stem + s in mask_by_stem
-        ]
-        if found:
-            pairs.append((image, found[0]))
-        else:
-            unmatched_images.append(image)
+    stems = [image.stem for image in images]
+    pairs = [(image, find_partner(image, mask_by_stem, stems)) for image in images]
+    unmatched_images = [image for image, mask in pairs if mask is None]
     if unmatched_images:
         raise SystemExit(
             f"error: no mask in {masks_dir} for image {unmatched_images[0]} "
             f"({len(unmatched_images)} unmatched images; a mask needs the image's stem)"
         )
-    used = {m for _, m in pairs}
-    unmatched_masks = [m for m in masks if m not in used]
+    owners = {}
+    for image, mask in pairs:
+        if mask in owners:
+            raise SystemExit(f"error: {mask} would be the mask of {owners[mask]} and of {image}")
+        owners[mask] = image
+    unmatched_masks = [m for m in masks if m not in owners]
     if unmatched_masks:
         raise SystemExit(f"error: no image in {images_dir} for mask {unmatched_masks[0]}")
     if not pairs:
@@ -1564,8 +1598,9 @@ def load_folder_cases(data_dir: Path, num_classes: int | None = None) -> list[Ca
             raise SystemExit(f"error: {folder} is not a folder; DATA_DIR needs images/ and masks/")
     fov_dir = Path(data_dir) / "fov"
     fov_by_stem = {f.stem: f for f in image_files(fov_dir)} if fov_dir.is_dir() else None
-    cases = []
-    for image_path, mask_path in match_files(images_dir, masks_dir):
+    cases, pairs = [], match_files(images_dir, masks_dir)
+    stems = [image_path.stem for image_path, _ in pairs]
+    for image_path, mask_path in pairs:
         image = read_image(image_path, "RGB")  # (H, W, 3) uint8
         mask = read_image(mask_path, "L")  # (H, W) uint8
         check_same_size(mask, image, mask_path, image_path)
@@ -1577,17 +1612,13 @@ def load_folder_cases(data_dir: Path, num_classes: int | None = None) -> list[Ca
             )
         fov = None
         if fov_by_stem is not None:
-            found = [
-                fov_by_stem[image_path.stem + x]
-                for x in MASK_SUFFIXES
-                if image_path.stem + x in fov_by_stem
-            ]
-            if not found:
+            fov_path = find_partner(image_path, fov_by_stem, stems)
+            if fov_path is None:
                 raise SystemExit(
                     f"error: no field-of-view mask in {fov_dir} for image {image_path}"
                 )
-            fov_pixels = read_image(found[0], "L")
-            check_same_size(fov_pixels, image, found[0], image_path)
+            fov_pixels = read_image(fov_path, "L")
+            check_same_size(fov_pixels, image, fov_path, image_path)
             fov = (fov_pixels >= 128)[None]  # (1, H, W) bool
         pixels = image.astype(np.float32).transpose(2, 0, 1)[:, None] / 255.0  # (3, 1, H, W)
         cases.append(

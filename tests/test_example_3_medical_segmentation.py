@@ -1,6 +1,7 @@
 """Tests for Example 3 (medical segmentation): Dice, metrics, preprocessing, loaders, training."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,6 +315,55 @@ def test_folder_loader_reads_matched_pairs_and_maps_255_to_1(tmp_path):
         assert set(np.unique(case.mask)) == {0, 1}
         assert case.mask.sum() == 36
     assert mod.class_names_for(cases) == ("background", "foreground")
+
+
+def write_named(root: Path, folder: str, name: str, labels: np.ndarray) -> None:
+    """root/folder/name: 0/255 for a mask, a grey picture of the labels for an image."""
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    pixels = (labels * 255).astype(np.uint8)
+    if folder == "images":
+        pixels = np.stack([pixels // 2, pixels, pixels // 3], axis=-1)
+    Image.fromarray(pixels).save(root / folder / name)
+
+
+@pytest.mark.parametrize(
+    "image_name, mask_name, fov_name",
+    [
+        ("21_training.tif", "21_manual1.gif", "21_training_mask.gif"),  # DRIVE as downloaded
+        ("Image_01L.jpg", "Image_01L_1stHO.png", None),  # CHASE_DB1
+        ("im0001.ppm", "im0001.ah.ppm", None),  # STARE
+        ("01_dr.JPG", "01_dr.tif", "01_dr_mask.tif"),  # HRF
+    ],
+)
+def test_folder_loader_pairs_public_retina_datasets_as_named(
+    tmp_path, image_name, mask_name, fov_name
+):
+    rng = np.random.default_rng(0)
+    truth = {}
+    for number in (1, 2, 3):  # three images, each with its own labels and (maybe) FOV
+        image_file, mask_file = (n.replace("1", str(number), 1) for n in (image_name, mask_name))
+        labels = (rng.random((12, 14)) > 0.7).astype(np.int64)
+        write_named(tmp_path, "images", image_file, labels)
+        write_named(tmp_path, "masks", mask_file, labels)
+        if fov_name:
+            fov = np.ones_like(labels)
+            fov[:, :number] = 0  # a different field of view per image
+            write_named(tmp_path, "fov", fov_name.replace("1", str(number), 1), fov)
+        truth[Path(image_file).stem] = (labels, number)
+    cases = mod.load_folder_cases(tmp_path)
+    assert sorted(c.case_id for c in cases) == sorted(truth)
+    for case in cases:  # every image got its own mask (and FOV), not a neighbour's
+        labels, number = truth[case.case_id]
+        assert np.array_equal(case.mask[0], labels)
+        if fov_name:
+            assert case.fov[0].sum() == labels.size - 12 * number
+
+
+def test_folder_loader_refuses_two_annotators_masks_for_one_image(tmp_path):
+    write_pair(tmp_path, "Image_01L", mask_stem="Image_01L_1stHO")
+    write_pair(tmp_path, "Image_01L", mask_stem="Image_01L_2ndHO")
+    with pytest.raises(SystemExit, match=r"error: Image_01L_1stHO\.png and Image_01L_2ndHO\.png"):
+        mod.load_folder_cases(tmp_path)
 
 
 def test_folder_loader_names_an_unmatched_image(tmp_path):
