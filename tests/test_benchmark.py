@@ -5,12 +5,15 @@ measures the right things (FLOP counts, checkpointing that changes memory but no
 headline metrics read from the right place) and that it runs end to end.
 """
 
+import ast
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import load_script
+from conftest import REPO_ROOT, load_script
+from PIL import Image
 
 bench = load_script("benchmarks/benchmark.py")
 ex1 = load_script("example_1_basic_unet/basic_unet_segmentation.py")
@@ -172,3 +175,55 @@ def test_benchmark_runs_end_to_end_on_a_tiny_configuration(isolated, tmp_path):
         assert value is None or value > 0
     # checkpointing keeps only each DoubleConv's input for backward: fewer saved activations
     assert 0 < row["activation_mib"]["checkpointing"] < row["activation_mib"]["plain"]
+
+
+# benchmarks/real_data.py: a chapter's real-data run, timed beside the ceiling
+# ----------------------------------------------------------------------------------------------
+
+real_data = load_script("benchmarks/real_data.py")
+
+
+def test_real_data_gpu_preset_is_the_setting_example_2s_readme_suggests():
+    readme = (REPO_ROOT / "example_2_pretrained_encoders" / "README.md").read_text()
+    section = readme.split("**On a GPU")[1]
+    block = section.split("```python")[1].split("```")[0]
+    suggested = {}
+    for statement in block.replace(";", "\n").splitlines():
+        code = statement.split("#")[0].strip()
+        if code:
+            name, value = (part.strip() for part in code.split("=", 1))
+            suggested[name] = ast.literal_eval(value)
+    assert suggested == real_data.GPU_SETTING
+
+
+def write_block_photos(root, count, seed=0):
+    """root/images/*.png + root/masks/*.png: 3 classes in 8-px blocks, each class its colour."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    colours = np.array([(30, 30, 30), (220, 40, 40), (40, 60, 220)], dtype=np.uint8)
+    for index in range(count):
+        labels = np.kron(rng.integers(0, 3, (6, 7)), np.ones((8, 8), dtype=np.int64))
+        Image.fromarray(colours[labels]).save(root / "images" / f"p{index}.png")
+        Image.fromarray(labels.astype(np.uint8)).save(root / "masks" / f"p{index}.png")
+
+
+@pytest.mark.parametrize("example", [2, 3])
+def test_real_data_runs_a_chapter_on_a_folder_and_logs_time_scores_and_ceilings(
+    isolated, tmp_path, example
+):
+    isolated(bench, OUTPUT_DIR=tmp_path / "bench", MATMUL_SIZE=64)
+    write_block_photos(tmp_path / "photos", 6)
+    result = real_data.main([str(example), str(tmp_path / "photos"), "--quick"])
+    logged = (tmp_path / "bench" / "real_data.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in logged] == [json.loads(json.dumps(result))]
+    assert result["example"] == example and result["quick"] and result["seconds"] > 0
+    assert result["ceiling_gflops_before"] > 0 and result["ceiling_gflops_after"] > 0
+    scores = [v for k, v in result.items() if k.startswith(("val_", "test_"))]
+    assert len(scores) == (3 if example == 2 else 4) and all(0 <= v <= 1 for v in scores)
+    chapter_metrics = tmp_path / "bench" / "real_data" / f"example{example}_cpu" / "metrics.json"
+    saved = json.loads(chapter_metrics.read_text())  # the chapter wrote its own files there
+    if example == 2:
+        assert saved["dataset"] == "folder" and saved["runs"][0]["miou"] == result["test_miou"]
+    else:
+        assert saved["test"]["dice"]["class_2"] == result["test_dice_mean"]
