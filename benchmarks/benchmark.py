@@ -322,7 +322,7 @@ def example_constants(module, tiny: bool, overrides: dict):
         if tiny:
             vars(module).update(module.QUICK)
         vars(module).update({name: value for name, value in overrides.items() if name in saved})
-        wanted = getattr(module, "NUM_THREADS", None) or getattr(module, "CPU_THREADS", None)
+        wanted = getattr(module, "NUM_THREADS", None)
         if wanted:  # an example that pins its CPU threads is measured as it runs
             torch.set_num_threads(wanted)
         yield module

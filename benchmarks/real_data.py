@@ -18,7 +18,6 @@ one JSON line to benchmarks/outputs/real_data.jsonl.
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -81,7 +80,8 @@ def run(example: int, data: Path, preset: str, dataset: str, output: Path, quick
         "example": example, "data": str(data), "preset": preset, "seconds": round(seconds, 1),
         **headline(example, metrics), "ceiling_gflops_before": before,
         "ceiling_gflops_after": ceiling_gflops(device), "device": str(device),
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "dataset": dataset if example == 2 else "folder", "quick": quick,
+        "cpu": benchmark.cpu_name(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }  # fmt: skip
 
@@ -94,11 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", choices=("folder", "voc"), default="folder")
     parser.add_argument("--quick", action="store_true", help="the chapter's tiny sizes: a check")
     args = parser.parse_args(argv)
-    if args.example == 3 and args.preset != "cpu":
-        parser.error("Example 3 has one setting: its defaults (--preset cpu)")
+    if args.example == 3 and (args.preset, args.dataset) != ("cpu", "folder"):
+        parser.error("Example 3 reads a folder with its defaults (no --preset, no --dataset)")
     output = benchmark.OUTPUT_DIR / "real_data" / f"example{args.example}_{args.preset}"
     result = run(args.example, args.data.resolve(), args.preset, args.dataset, output, args.quick)
-    result["quick"] = args.quick
     print(json.dumps(result))
     with open(benchmark.OUTPUT_DIR / "real_data.jsonl", "a") as log:
         log.write(json.dumps(result) + "\n")

@@ -52,7 +52,6 @@ import contextlib
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -391,7 +390,7 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """Halve H and W (2x2 max pooling), then DoubleConv.
 
-    (N, C_in, H, W) -> (N, C_out, H // 2, W // 2): pooling rounds odd sizes down (127 -> 63).
+    (N, C_in, H, W) -> (N, C_out, H // 2, W // 2)
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -823,8 +822,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="U-Net from scratch on synthetic shapes.")
     parser.add_argument("--quick", action="store_true", help="tiny run in seconds (set-up check)")
     parser.add_argument("--predict", metavar="IMAGE", type=Path, help="segment your own image")
-    # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
-    if argv is None and "ipykernel" in sys.modules:
+    # Cells run in a notebook have no __file__, and sys.argv holds the kernel's options, not ours
+    # (`%run script.py --quick` sets __file__ and passes its own arguments: those are kept).
+    if argv is None and "__file__" not in globals():
         argv = []
     args = parser.parse_args(argv)
     if args.quick:

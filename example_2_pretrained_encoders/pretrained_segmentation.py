@@ -83,7 +83,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import urllib.error
 from pathlib import Path
@@ -204,12 +203,14 @@ QUICK = dict(
 # Label maps are stored as PNGs whose pixel values are class indices (0, 1, 2, ...). PASCAL VOC
 # uses *palette* PNGs: the values are the indices and a colour table (the official palette) only
 # decides how they look. Reading such a PNG with PIL and np.array gives the indices directly -
-# never convert it to RGB. Value 255 marks pixels nobody labelled (VOC: the thin outline around
+# never convert it to RGB (only an export's colour masks are decoded, through its labelmap.txt,
+# see below). Value 255 marks pixels nobody labelled (VOC: the thin outline around
 # every object; after our padding: pixels outside the image): the loss and the metrics skip them.
 #
 # Three sources, chosen by DATASET:
-#   "voc"       a VOC-format folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/
-#               train.txt and val.txt) anywhere in DATA_ROOT, from one image to the full 2012 set
+#   "voc"       a VOC-format folder (JPEGImages/, SegmentationClass/; the ImageSets/Segmentation/
+#               lists and an export's labelmap.txt if there, see below) in DATA_ROOT, from one
+#               image to the full 2012 set
 #   "folder"    DATA_ROOT/images/<name>.jpg + DATA_ROOT/masks/<name>.png (a seeded split), or
 #               DATA_ROOT/train|val|test/images|masks when the dataset has official splits;
 #               DATA_ROOT/classes.txt (optional) names the classes, one per line
@@ -385,12 +386,20 @@ def check_pairs(pairs: list[tuple[Path, Path]], num_classes: int | None, colours
     return largest
 
 
-def class_weights(pairs: list[tuple[Path, Path]], num_classes: int, colours=None) -> torch.Tensor:
+def paired_files(dataset: Dataset) -> tuple[list[tuple[Path, Path]], dict | None]:
+    """The (image, mask) files behind a (possibly capped) PairedFiles dataset, and its colours."""
+    if isinstance(dataset, Subset):
+        return [dataset.dataset.pairs[i] for i in dataset.indices], dataset.dataset.colours
+    return dataset.pairs, dataset.colours
+
+
+def class_weights(dataset: Dataset, num_classes: int) -> torch.Tensor:
     """Loss weight per class, 1/sqrt(its share of the labelled training pixels), mean 1.
 
     Rare classes (a pole, a sign) weigh more, so that the loss does not let the model ignore them;
     the square root keeps the weights moderate (plain 1/share would make a rare class 100x louder).
     """
+    pairs, colours = paired_files(dataset)
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for _, mask_path in pairs:
         mask = torch.from_numpy(read_mask(mask_path, colours)).flatten()
@@ -595,7 +604,7 @@ def find_voc_root() -> Path | None:
         masks = (folder / "SegmentationClass").is_dir() and (folder / "JPEGImages").is_dir()
         if lists or masks:
             return folder
-    for folder in candidates:  # VOC's folders are there, but not its masks: say so, do not guess
+    for folder in candidates:  # VOC's folders are there, but incomplete: say so, do not guess
         if folder.name.startswith("VOC20") or (folder / "SegmentationClass").is_dir():
             raise SystemExit(
                 f"error: {folder} is not a complete VOC 2012 folder; it needs JPEGImages/ and "
@@ -609,7 +618,7 @@ def read_label_map(voc_root: Path) -> tuple[tuple[str, ...], dict]:
 
     VOC's cream outline colour (224, 224, 192) means ignore (255) unless a class claims it.
     """
-    path = voc_root / "labelmap.txt"
+    path, palette = voc_root / "labelmap.txt", voc_palette()
     if path.is_file():
         names, colours = [], {}
         for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -628,10 +637,9 @@ def read_label_map(voc_root: Path) -> tuple[tuple[str, ...], dict]:
             raise SystemExit(f"error: {path} must name at least 2 classes (background first)")
         names = tuple(names)
     else:
-        palette = voc_palette()
         names = VOC_CLASSES
         colours = {tuple(int(v) for v in palette[k]): k for k in range(len(names))}
-    colours.setdefault(tuple(int(v) for v in voc_palette()[IGNORE_INDEX]), IGNORE_INDEX)
+    colours.setdefault(tuple(int(v) for v in palette[IGNORE_INDEX]), IGNORE_INDEX)
     return names, colours
 
 
@@ -688,8 +696,8 @@ def voc_splits(voc_root: Path) -> dict[str, list]:
     return {"train": train, "val": val, "test": test}
 
 
-def load_voc() -> tuple[dict[str, Dataset], tuple[str, ...], dict] | None:
-    """A VOC-format folder as ({train, val, test}, class names, mask colours), or None."""
+def load_voc() -> tuple[dict[str, Dataset], tuple[str, ...]] | None:
+    """A VOC-format folder as ({train, val, test}, class names), or None."""
     voc_root = find_voc_root()
     if voc_root is None:
         expected = Path(DATA_ROOT) / "VOCdevkit" / "VOC2012"
@@ -715,7 +723,7 @@ def load_voc() -> tuple[dict[str, Dataset], tuple[str, ...], dict] | None:
     names, colours = read_label_map(voc_root)
     splits = voc_splits(voc_root)
     log(f"reading VOC-format data from {voc_root} ({len(names)} classes)")
-    return real_datasets(splits, len(names), colours), names, colours
+    return real_datasets(splits, len(names), colours), names
 
 
 def folder_pairs(split_root: Path) -> list[tuple[Path, Path]]:
@@ -775,28 +783,18 @@ def load_folder() -> tuple[dict[str, Dataset], tuple[str, ...]]:
     return real_datasets(splits, len(names)), names
 
 
-def train_pairs(dataset: Dataset) -> list[tuple[Path, Path]]:
-    """The (image, mask) files behind a (possibly capped) PairedFiles dataset."""
-    if isinstance(dataset, Subset):
-        return [dataset.dataset.pairs[i] for i in dataset.indices]
-    return dataset.pairs
-
-
 def load_datasets() -> tuple[dict[str, Dataset], dict]:
     """({train, val, test} datasets, {"dataset": "voc"/"folder"/"synthetic", "classes", "real"}).
 
-    Photos ("voc", "folder") add "train_pairs": the training files, for the class weights.
     """
     if DATASET == "folder":
         datasets, names = load_folder()
-        info = {"dataset": "folder", "classes": names, "real": True}
-        return datasets, info | {"train_pairs": train_pairs(datasets["train"])}
+        return datasets, {"dataset": "folder", "classes": names, "real": True}
     if DATASET == "voc":
         voc = load_voc()
         if voc is not None:
-            datasets, names, colours = voc
-            info = {"dataset": "voc", "classes": names, "real": True, "colours": colours}
-            return datasets, info | {"train_pairs": train_pairs(datasets["train"])}
+            datasets, names = voc
+            return datasets, {"dataset": "voc", "classes": names, "real": True}
     elif DATASET != "synthetic":
         raise SystemExit(f'error: DATASET must be "voc", "folder" or "synthetic", not {DATASET!r}')
     n_train, n_val, n_test = SYNTHETIC_SPLIT_SIZES
@@ -901,9 +899,7 @@ def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict]:
     classes, real = source["classes"], source["real"]
     plan = training_plan(real, len(datasets["train"]), world)
     if real and CLASS_WEIGHTING == "sqrt":
-        plan["class_weights"] = class_weights(
-            source["train_pairs"], len(classes), source.get("colours")
-        )
+        plan["class_weights"] = class_weights(datasets["train"], len(classes))
         weights = ", ".join(f"{name} {w:.2f}" for name, w in zip(classes, plan["class_weights"]))
         log(f"class weights of the loss (1/sqrt of the pixel share): {weights}")
     eval_batch = 1 if real else BATCH_SIZE  # photos one at a time: no padding, no batch mates
@@ -1460,7 +1456,7 @@ def best_run(runs: list[dict]) -> dict:
     return max(runs, key=lambda run: run["val_miou"])
 
 
-def print_report(runs: list[dict], classes=VOC_CLASSES) -> None:
+def print_report(runs: list[dict], classes) -> None:
     """Per-class table of the best run (chosen on validation), then the comparison table."""
     best = best_run(runs)
     log(f"\nper-class test results of {best['model']} (best on validation; single scale; "
@@ -2001,8 +1997,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrained encoders + DeepLabV3 / FPN.")
     parser.add_argument("--quick", action="store_true", help="tiny configuration, set-up check")
     parser.add_argument("--predict", metavar="IMAGE", help="segment IMAGE with best_model.pt")
-    # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
-    if argv is None and "ipykernel" in sys.modules:
+    # Cells run in a notebook have no __file__, and sys.argv holds the kernel's options, not ours
+    # (`%run script.py --quick` sets __file__ and passes its own arguments: those are kept).
+    if argv is None and "__file__" not in globals():
         argv = []
     args = parser.parse_args(argv)
     if args.quick:

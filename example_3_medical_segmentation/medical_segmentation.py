@@ -35,9 +35,9 @@ and the figures ``preprocessing.png``, ``training_curves.png``, ``three_views.pn
 ``per_patient_dice.png`` (plus ``example_slice.png``, a test slice to try ``--predict`` on).
 ``--data-dir`` (or the constant ``DATA_DIR``) switches from the built-in synthetic CT cohort to
 your own 2D photos (DRIVE or CHASE_DB1 retinas, ISIC skin lesions, Kvasir polyps): ``images/``
-and ``masks/`` with the same file stems (split 70/15/15), or ``train/`` and ``test/`` folders that
-hold them; masks stored as 0/255 or as class indices; optional ``fov/`` masks and ``classes.txt``.
-Nothing is downloaded. Such a run writes ``best_model.pt``, ``metrics.json``,
+and ``masks/`` (each mask named after its image; split 70/15/15), or ``train/`` and ``test/``
+folders that hold them; masks stored as 0/255 or as class indices; optional ``fov/`` masks and
+``classes.txt``. Nothing is downloaded. Such a run writes ``best_model.pt``, ``metrics.json``,
 ``training_curves.png``, ``test_predictions.png`` and ``per_image_dice.png``.
 
 What you should see
@@ -96,7 +96,6 @@ import json
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -1487,8 +1486,9 @@ def make_figures(splits: dict, prepared: dict, training: dict, evaluation: dict,
 #   DATA_DIR/images/ + DATA_DIR/masks/              split by image, seeded: 70 / 15 / 15
 #   DATA_DIR/train/{images,masks}/ + DATA_DIR/test/{images,masks}/   an official test split: the
 #       test images are used as they are, the validation images are carved out of train/
-# An optional fov/ folder beside masks/ (same stems, 0/255) marks each photo's field of view (the
-# round fundus of a retina photo): pixels outside it count in neither the loss nor the metrics.
+# An optional fov/ folder beside masks/ (named like the masks, 0/255) marks each photo's field of
+# view (the round fundus of a retina photo): pixels outside it count in neither the loss nor the
+# metrics.
 # An optional DATA_DIR/classes.txt names the classes, one per line (background first), and fixes
 # their number. Each image becomes a one-slice "patient": a Case with D = 1.
 # Gotcha: masks are often saved as 0/255 (black/white PNG), or as JPEG with compression noise
@@ -1566,7 +1566,8 @@ def match_files(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     if unmatched_images:
         raise SystemExit(
             f"error: no mask in {masks_dir} for image {unmatched_images[0]} "
-            f"({len(unmatched_images)} unmatched images; a mask needs the image's stem)"
+            f"({len(unmatched_images)} unmatched images; a mask is named after its image, "
+            "see find_partner)"
         )
     owners = {}
     for image, mask in pairs:
@@ -2179,8 +2180,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="your photos: images/ + masks/, or train/ + test/ with those (sets DATA_DIR)",
     )
-    # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
-    if argv is None and "ipykernel" in sys.modules:
+    # Cells run in a notebook have no __file__, and sys.argv holds the kernel's options, not ours
+    # (`%run script.py --quick` sets __file__ and passes its own arguments: those are kept).
+    if argv is None and "__file__" not in globals():
         argv = []
     args = parser.parse_args(argv)
     if args.quick:

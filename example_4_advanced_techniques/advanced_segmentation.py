@@ -107,7 +107,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -1067,7 +1066,7 @@ def score_labels(preds: torch.Tensor, masks: torch.Tensor) -> dict:
 
 
 def apply_transform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """Rotate (..., H, W) by k quarter turns, then flip left-right (training and TTA)."""
+    """Rotate (..., H, W) by k quarter turns, then, if `flip`, flip left-right (training, TTA)."""
     x = torch.rot90(x, k, dims=(-2, -1))
     return x.flip(-1) if flip else x
 
@@ -2195,7 +2194,7 @@ def summarize_seeds(per_seed: list[dict]) -> list[dict]:
 def seed_fingerprint() -> str:
     """A hash of this file and of its settings: a saved seed is reused only while both match."""
     settings = {k: v for k, v in globals().items() if k.isupper() and k[0] != "_"}
-    settings.pop("OUTPUT_DIR")
+    settings.pop("OUTPUT_DIR"), settings.pop("HERE")  # where the files live is no setting
     return hashlib.sha256(
         Path(__file__).read_bytes() + repr(sorted(settings.items(), key=str)).encode()
     ).hexdigest()
@@ -2290,8 +2289,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: NUM_THREADS); 1 on a busy machine"
     )
-    # In a notebook or an IPython console, sys.argv holds the kernel's options, not ours.
-    if argv is None and "ipykernel" in sys.modules:
+    # Cells run in a notebook have no __file__, and sys.argv holds the kernel's options, not ours
+    # (`%run script.py --quick` sets __file__ and passes its own arguments: those are kept).
+    if argv is None and "__file__" not in globals():
         argv = []
     return parser.parse_args(argv)
 

@@ -49,6 +49,7 @@ RETIRED_NAMES = {
     "predict": "predict_image",
     "plot_curves": "plot_training_curves",
     "colourize": "colorize",
+    "CPU_THREADS": "NUM_THREADS",  # a setting: same knob, same name in every chapter
 }
 
 
@@ -143,9 +144,6 @@ def test_helpers_with_the_same_name_are_byte_identical_where_the_code_is_shared(
         assert text == first, f"{SCRIPTS[key]}: {name} differs from the other chapters' copy"
 
 
-RETIRED_SETTINGS = {"CPU_THREADS": "NUM_THREADS"}  # same knob, same name in every chapter
-
-
 @pytest.mark.parametrize("key", SCRIPTS)
 def test_one_name_per_idea(key):
     settings = {
@@ -155,11 +153,10 @@ def test_one_name_per_idea(key):
         for target in node.targets
         if isinstance(target, ast.Name)
     }
-    for retired, name in RETIRED_SETTINGS.items():
-        assert retired not in settings, f"{SCRIPTS[key]}: call {retired} {name}, as elsewhere"
     functions = top_level_functions(key)
     for retired, name in RETIRED_NAMES.items():
         assert retired not in functions, f"{SCRIPTS[key]}: call {retired} {name}, as elsewhere"
+        assert retired not in settings, f"{SCRIPTS[key]}: call {retired} {name}, as elsewhere"
     for name in ("fit", "metrics_from_confusion", "predict_image", "confusion_matrix"):
         assert name in functions, f"{SCRIPTS[key]} has no {name}"
 

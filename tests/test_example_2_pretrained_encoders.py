@@ -643,7 +643,7 @@ def assert_splits_hold_the_true_labels(mod, datasets, source, written, sizes) ->
             truth = torch.from_numpy(written[image_path.stem])
             assert torch.equal(datasets[split][index][1], truth)
     for image_path, mask_path in datasets["train"].pairs:  # as the training loader decodes them
-        decoded = mod.read_mask(mask_path, source["colours"])
+        decoded = mod.read_mask(mask_path, mod.paired_files(datasets["train"])[1])
         assert np.array_equal(decoded, written[image_path.stem])
 
 

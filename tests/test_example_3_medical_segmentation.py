@@ -318,7 +318,7 @@ def test_folder_loader_reads_matched_pairs_and_maps_255_to_1(tmp_path):
 
 
 def write_named(root: Path, folder: str, name: str, labels: np.ndarray) -> None:
-    """root/folder/name: 0/255 for a mask, a grey picture of the labels for an image."""
+    """root/folder/name: 0/255 for a mask, an RGB picture of the labels for an image."""
     (root / folder).mkdir(parents=True, exist_ok=True)
     pixels = (labels * 255).astype(np.uint8)
     if folder == "images":
