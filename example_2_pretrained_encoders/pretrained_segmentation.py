@@ -250,9 +250,20 @@ def voc_palette() -> np.ndarray:
     return palette
 
 
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """Class-index mask H x W -> RGB image H x W x 3 in the VOC palette (255 = cream outline)."""
-    return voc_palette()[mask]
+def class_palette(class_colours: list | None = None) -> np.ndarray:
+    """256 x 3 colour table: VOC's palette, the first classes recoloured by `class_colours`.
+
+    class_colours: one [r, g, b] per class id (a VOC export's labelmap.txt colours), or None.
+    """
+    palette = voc_palette()
+    if class_colours:
+        palette[: len(class_colours)] = class_colours
+    return palette
+
+
+def colorize(mask: np.ndarray, class_colours: list | None = None) -> np.ndarray:
+    """Class-index mask H x W -> RGB image H x W x 3 (class_palette's colours; 255 = cream)."""
+    return class_palette(class_colours)[mask]
 
 
 def pad_to(
@@ -391,6 +402,17 @@ def paired_files(dataset: Dataset) -> tuple[list[tuple[Path, Path]], dict | None
     if isinstance(dataset, Subset):
         return [dataset.dataset.pairs[i] for i in dataset.indices], dataset.dataset.colours
     return dataset.pairs, dataset.colours
+
+
+def class_colours(dataset: Dataset, num_classes: int) -> list[list[int]]:
+    """One [r, g, b] per class: the colours of the dataset's colour masks (labelmap.txt), else
+    VOC's palette. Figures and --predict's masks use them, so an export's classes keep its colours.
+    """
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    palette = voc_palette()
+    for rgb, label in (getattr(base, "colours", None) or {}).items():  # synthetic: no colours
+        palette[label] = rgb
+    return palette[:num_classes].tolist()
 
 
 def class_weights(dataset: Dataset, num_classes: int) -> torch.Tensor:
@@ -711,7 +733,7 @@ def load_voc() -> tuple[dict[str, Dataset], tuple[str, ...]] | None:
                     reason = f"download failed: {type(error).__name__}: {error}"
             if dist.is_initialized():
                 dist.barrier()
-            voc_root = expected if (expected / "ImageSets" / "Segmentation").is_dir() else None
+            voc_root = find_voc_root()  # the downloaded folder, checked as any other
         if voc_root is None:
             log(
                 f"note: no VOC-format folder in {DATA_ROOT} ({reason or 'download incomplete'}); "
@@ -1708,14 +1730,16 @@ def plot_per_class_iou(runs: list[dict], class_names, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_predictions(images: torch.Tensor, label_maps: dict[str, torch.Tensor], path: Path) -> None:
-    """Rows of: image | one palette-coloured N x H x W label map per entry (truth, predictions)."""
+def plot_predictions(
+    images: torch.Tensor, label_maps: dict[str, torch.Tensor], path: Path, class_colours=None
+) -> None:
+    """Rows of: image | one N x H x W label map per entry (truth, predictions), in colour."""
     columns = 1 + len(label_maps)
     size = (2 * columns, 2 * len(images))
     fig, axes = plt.subplots(len(images), columns, figsize=size, squeeze=False)
     for row in range(len(images)):
         panels = [images[row].permute(1, 2, 0).numpy()]  # 3 x H x W -> H x W x 3
-        panels += [colorize(labels[row].numpy()) for labels in label_maps.values()]
+        panels += [colorize(labels[row].numpy(), class_colours) for labels in label_maps.values()]
         for col, (panel, title) in enumerate(zip(panels, ["image", *label_maps])):
             axes[row, col].imshow(panel)
             axes[row, col].axis("off")
@@ -1775,7 +1799,8 @@ def plot_test_predictions(models: dict, test: Dataset, device, path: Path) -> No
             [pad_to(image, pred, height, width)[1] for image, pred in zip(images, label_maps[name])]
         )
     shown = torch.stack([image for image, _ in padded])
-    plot_predictions(shown, figure_maps, path)
+    colours = next(iter(models.values())).config.get("class_colours")  # one dataset, one colour set
+    plot_predictions(shown, figure_maps, path, colours)
 
 
 def save_figures(runs: list[dict], models: dict, loaders: dict, device, classes) -> None:
@@ -1841,11 +1866,14 @@ def predict_image(image_path: str) -> dict:
         pred = multiscale_probs(model, image.to(device), scales, EVAL_FLIP).argmax(dim=1)[0].cpu()
     stem = Path(image_path).stem
     mask_path, figure_path = OUTPUT_DIR / f"{stem}_mask.png", OUTPUT_DIR / f"{stem}_prediction.png"
-    mask_image = Image.fromarray(pred.numpy().astype(np.uint8), mode="P")  # a VOC-style palette PNG
-    mask_image.putpalette(voc_palette().flatten().tolist())
+    # a palette PNG: the pixel values are the class ids, the palette the training masks' colours
+    # (an export's labelmap.txt, else VOC's): converted to RGB, it is a colour mask of the export
+    colours = config.get("class_colours")
+    mask_image = Image.fromarray(pred.numpy().astype(np.uint8), mode="P")
+    mask_image.putpalette(class_palette(colours).flatten().tolist())
     mask_image.save(mask_path)
     name = f"{config['architecture']}_{config['encoder']}"
-    plot_predictions(image.cpu(), {name: pred[None]}, figure_path)
+    plot_predictions(image.cpu(), {name: pred[None]}, figure_path, colours)
     fractions = {
         class_names[c]: round((pred == c).float().mean().item(), 4) for c in pred.unique().tolist()
     }
@@ -1935,6 +1963,8 @@ def run_experiment(
     plan = plan or training_plan(False, len(loaders["train"].dataset))
     classes = classes or VOC_CLASSES
     model, name = experiment_model(architecture, encoder, pretrained, plan, classes, device)
+    # the figures and --predict paint each class in the dataset's own colour (an export's labelmap)
+    model.config["class_colours"] = class_colours(loaders["train"].dataset, len(classes))
     training = fit(model, name, loaders, device, plan, len(classes))
     cm, single, multi = score_on_test(model, loaders, device, plan, len(classes))
     log(

@@ -1597,11 +1597,10 @@ def load_folder_cases(data_dir: Path, num_classes: int | None = None) -> list[Ca
     for folder in (images_dir, masks_dir):
         if not folder.is_dir():
             raise SystemExit(f"error: {folder} is not a folder; DATA_DIR needs images/ and masks/")
-    fov_dir = Path(data_dir) / "fov"
-    fov_by_stem = {f.stem: f for f in image_files(fov_dir)} if fov_dir.is_dir() else None
-    cases, pairs = [], match_files(images_dir, masks_dir)
-    stems = [image_path.stem for image_path, _ in pairs]
-    for image_path, mask_path in pairs:
+    fov_dir = Path(data_dir) / "fov"  # optional: field-of-view masks, named as the masks are
+    fov_paths = dict(match_files(images_dir, fov_dir)) if fov_dir.is_dir() else {}
+    cases = []
+    for image_path, mask_path in match_files(images_dir, masks_dir):
         image = read_image(image_path, "RGB")  # (H, W, 3) uint8
         mask = read_image(mask_path, "L")  # (H, W) uint8
         check_same_size(mask, image, mask_path, image_path)
@@ -1612,12 +1611,8 @@ def load_folder_cases(data_dir: Path, num_classes: int | None = None) -> list[Ca
                 f"only {num_classes} classes"
             )
         fov = None
-        if fov_by_stem is not None:
-            fov_path = find_partner(image_path, fov_by_stem, stems)
-            if fov_path is None:
-                raise SystemExit(
-                    f"error: no field-of-view mask in {fov_dir} for image {image_path}"
-                )
+        if fov_paths:
+            fov_path = fov_paths[image_path]
             fov_pixels = read_image(fov_path, "L")
             check_same_size(fov_pixels, image, fov_path, image_path)
             fov = (fov_pixels >= 128)[None]  # (1, H, W) bool

@@ -299,6 +299,19 @@ def test_failing_voc_download_falls_back_to_synthetic_with_one_line(
     assert image.shape == (3, 32, 32) and mask.dtype == torch.int64
 
 
+def test_a_voc_download_that_works_is_read_as_voc(mod, isolated, tmp_path, monkeypatch):
+    import torchvision.datasets.voc as voc
+
+    def unpack_tiny_devkit(url, download_root, **kwargs):  # the archive, as VOC 2012 unpacks it
+        write_tiny_vocdevkit(Path(download_root), mod.voc_palette())
+
+    monkeypatch.setattr(voc, "download_and_extract_archive", unpack_tiny_devkit)
+    isolated(mod, DATA_ROOT=tmp_path / "data", DATASET="voc", DOWNLOAD_VOC=True)
+    datasets, source = mod.load_datasets()
+    assert source["dataset"] == "voc" and len(source["classes"]) == 21
+    assert sum(len(datasets[split]) for split in ("train", "val", "test")) == 5
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics, inference, training
 # ----------------------------------------------------------------------------------------------
@@ -698,6 +711,15 @@ def test_main_trains_on_a_voc_export_with_its_own_classes(mod, isolated, tmp_pat
     assert 0 <= metrics["runs"][0]["miou"] <= 1
     checkpoint = torch.load(tmp_path / "outputs" / "best_model.pt", weights_only=True)
     assert checkpoint["config"]["num_classes"] == 3
+    # --predict paints the export's own colours: its mask re-imports through labelmap.txt
+    image = next((tmp_path / "export" / "JPEGImages").iterdir())
+    mod.main(["--predict", str(image)])
+    mask = Image.open(tmp_path / "outputs" / f"{image.stem}_mask.png")
+    assert mask.mode == "P"
+    assert mask.getpalette()[:9] == [value for rgb in EXPORT_CLASSES.values() for value in rgb]
+    colours = mod.read_label_map(tmp_path / "export")[1]
+    decoded = mod.colours_to_labels(np.array(mask.convert("RGB")), colours, image)
+    assert np.array_equal(decoded, np.array(mask))  # the colours are the labelmap's, class by class
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])

@@ -785,7 +785,7 @@ def test_fov_and_classes_errors_name_the_file(tmp_path, isolated):
     with pytest.raises(SystemExit, match=r"error: mask .*fov.r001\.png is 12x10 .* image .*r001"):
         mod.load_folder_splits(tmp_path, seed=0)
     (tmp_path / "fov" / "r001.png").unlink()
-    with pytest.raises(SystemExit, match=r"error: no field-of-view mask in .*fov .*r001\.png"):
+    with pytest.raises(SystemExit, match=r"error: no mask in .*fov for image .*r001\.png"):
         mod.load_folder_splits(tmp_path, seed=0)
     (tmp_path / "fov" / "r000.png").unlink()
     (tmp_path / "fov" / "r002.png").unlink()

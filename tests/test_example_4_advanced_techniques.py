@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -804,7 +805,12 @@ def test_a_failing_export_is_reported_and_leaves_no_stale_program(mod, tmp_path,
 
 
 def test_onnx_without_the_optional_packages_is_one_line(mod, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now fails (installed or not)
+    note = mod.import_onnx_runtime()
+    assert note.startswith("onnx is not installed") and "\n" not in note
+    for name in ("onnx", "onnxscript"):  # these two present (stand-ins), only onnxruntime missing
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     note = mod.import_onnx_runtime()
     assert isinstance(note, str) and "\n" not in note
     assert note.startswith("onnxruntime is not installed") and "pip install" in note
