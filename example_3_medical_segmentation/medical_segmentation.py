@@ -994,7 +994,8 @@ def data_config(data: dict) -> dict:
 def fit(
     loss_name: str, data: dict, epochs: int, device, checkpoint_path=None, stop_after=None
 ) -> tuple:
-    """Train a fresh U-Net with loss `loss_name`; returns (model with the best weights, history).
+    """Train a fresh U-Net with loss `loss_name`; returns (model with the best weights, history,
+    interrupted: True when Ctrl-C stopped it).
 
     `data` holds the prepared train / val cases, class names and class weights. With a
     checkpoint_path the best weights are also saved there (with what --predict needs). With
@@ -1009,7 +1010,7 @@ def fit(
     optimizer, scheduler = make_optimizer(model, epochs * len(loader), device)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     best = BestWeights(checkpoint_path, dict(config=config, data_config=data_config(data)))
-    history, start = [], time.perf_counter()
+    history, start, interrupted = [], time.perf_counter(), False
     try:
         for epoch in range(1, (stop_after or epochs) + 1):
             epoch_start = time.perf_counter()
@@ -1033,12 +1034,13 @@ def fit(
                 break
     except KeyboardInterrupt:
         print("\ninterrupted: training stopped, continuing with the best weights so far")
+        interrupted = True
     if best.state is None:
         raise SystemExit(
             "error: training stopped before the first epoch ended; nothing to evaluate"
         )
     model.load_state_dict(best.state)
-    return model, history
+    return model, history, interrupted
 
 
 def train_and_compare(data: dict, device, checkpoint_path: Path) -> dict:
@@ -1049,17 +1051,22 @@ def train_and_compare(data: dict, device, checkpoint_path: Path) -> dict:
     """
     names = data["class_names"]
     print(f"main run: {LOSS}, up to {EPOCHS} epochs")
-    model, history = fit(LOSS, data, EPOCHS, device, checkpoint_path)
+    model, history, interrupted = fit(LOSS, data, EPOCHS, device, checkpoint_path)
     histories, comparison = {f"{LOSS} (main run)": history}, {}
-    for loss_name in COMPARE_LOSSES:
+    if interrupted:  # Ctrl-C means "stop training": on to the evaluation, no comparison runs
+        print("loss comparison skipped (interrupted)")
+    for loss_name in COMPARE_LOSSES if not interrupted else ():
         if loss_name == LOSS:  # the main run has already been through these epochs
             arm = history[:COMPARE_EPOCHS]
         else:
             print(
                 f"comparison run: {loss_name}, first {COMPARE_EPOCHS} epochs of the same schedule"
             )
-            _, arm = fit(loss_name, data, EPOCHS, device, stop_after=COMPARE_EPOCHS)
+            _, arm, interrupted = fit(loss_name, data, EPOCHS, device, stop_after=COMPARE_EPOCHS)
             histories[loss_name] = arm
+            if interrupted:  # keep what ran, skip the remaining losses
+                comparison[loss_name] = dict(val_dice=arm[-1]["val_dice"], epochs=len(arm))
+                break
         comparison[loss_name] = dict(val_dice=arm[-1]["val_dice"], epochs=len(arm))
     if comparison:
         print(

@@ -227,3 +227,26 @@ def test_real_data_runs_a_chapter_on_a_folder_and_logs_time_scores_and_ceilings(
         assert saved["dataset"] == "folder" and saved["runs"][0]["miou"] == result["test_miou"]
     else:
         assert saved["test"]["dice"]["class_2"] == result["test_dice_mean"]
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/stride_reference.py: Example 2's coarse-label score is a floor, not a ceiling
+# ----------------------------------------------------------------------------------------------
+stride_reference = load_script("benchmarks/stride_reference.py")
+
+
+def test_fitted_logits_draw_what_cell_averages_lose():
+    ex2 = load_script("example_2_pretrained_encoders/pretrained_segmentation.py")
+    mask = torch.zeros(1, 16, 16, dtype=torch.int64)
+    mask[0, 5:7, 9:11] = 1  # a 2 x 2 object: a quarter of one cell of a 4-px grid
+    coarse = ex2.coarse_labels_miou([(None, mask)], 4, 2)
+    assert coarse == pytest.approx(0.5 * 252 / 256)  # cell averages lose the object
+    fitted = stride_reference.fitted_grid_miou(ex2, mask, 4, steps=200, num_classes=2)
+    assert fitted > coarse + 0.2  # a 4 x 4 grid of fitted logits draws it (or most of it)
+
+
+def test_stride_reference_runs_on_a_few_images(capsys):
+    results = stride_reference.main(["--images", "3", "--steps", "2"])
+    assert set(results) == {16, 4}
+    assert all(0 <= value <= 1 for row in results.values() for value in row.values())
+    assert "stride 16: coarse labels" in capsys.readouterr().out

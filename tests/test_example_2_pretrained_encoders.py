@@ -890,15 +890,20 @@ def test_aspp_warns_when_a_rate_does_not_fit_and_auto_rates_fit(mod, isolated, c
     assert not torch.allclose(conv2(x), torch.nn.functional.conv2d(x, conv2.weight[:, :, 1:2, 1:2]))
 
 
-def test_stride_ceiling_on_hand_cases(mod):
+def test_coarse_labels_score_on_hand_cases(mod):
     mask = torch.zeros(1, 16, 16, dtype=torch.int64)
     mask[0, 5:7, 9:11] = 1  # a 2 x 2 object
     loader = [(None, mask)]
-    assert mod.stride_ceiling_miou(loader, 1, 2) == pytest.approx(1.0)  # stride 1 draws anything
-    assert mod.stride_ceiling_miou(loader, 8, 2) == pytest.approx(0.5 * (252 / 256))  # object lost
+    assert mod.coarse_labels_miou(loader, 1, 2) == pytest.approx(1.0)  # stride 1 draws anything
+    assert mod.coarse_labels_miou(loader, 8, 2) == pytest.approx(0.5 * (252 / 256))  # object lost
     big = torch.zeros(1, 16, 16, dtype=torch.int64)
     big[0, :, 8:] = 1  # a half-image object, aligned with the 8-px grid: still perfect
-    assert mod.stride_ceiling_miou([(None, big)], 8, 2) == pytest.approx(1.0)
+    assert mod.coarse_labels_miou([(None, big)], 8, 2) == pytest.approx(1.0)
+    # photos: the grid is the network input's. Shown at twice the size, stride 2 is a 16 x 16 grid
+    # on this 16-px mask (draws the object); shown at half the size, stride 4 is a 2 x 2 grid.
+    assert mod.coarse_labels_miou(loader, 2, 2, short_side=32) == pytest.approx(1.0)
+    assert mod.coarse_labels_miou(loader, 2, 2) < 1.0
+    assert mod.coarse_labels_miou(loader, 4, 2, short_side=8) == pytest.approx(0.5 * (252 / 256))
 
 
 def test_warmup_freezes_only_a_pretrained_encoder(mod, isolated, tmp_path):
