@@ -23,7 +23,7 @@ How to run (from this folder)
     python pretrained_segmentation.py                     # DeepLabV3 vs FPN on the built-in set
     python pretrained_segmentation.py --quick             # tiny set-up check, into outputs/quick/
     python pretrained_segmentation.py --predict my.png    # segment your image with the best model
-    torchrun --nproc_per_node=2 pretrained_segmentation.py  # the same training in 2 processes
+    torchrun --nproc_per_node=2 pretrained_segmentation.py  # 2 processes, half the steps each
 Your own photos: set DATASET = "folder" and DATA_ROOT below (README: "Your own data").
 
 What is read and downloaded: DATASET = "voc" (the default) reads a VOC-format folder under
@@ -151,7 +151,6 @@ SYNTHETIC_SPLIT_SIZES = (1200, 100, 200)  # train, val, test images of the synth
 MAX_IMAGES_PER_SPLIT = None  # cap every split (--quick uses it); None = the whole split
 SCALE_RANGE = (0.75, 1.25)  # synthetic: random rescale before the crop, objects at several sizes
 JITTER = 0.1  # synthetic: photometric jitter (brightness, contrast, saturation); 0 turns it off
-NUM_CLASSES = 21  # synthetic: background + 20 objects (photos: classes.txt, labelmap.txt or VOC's)
 IGNORE_INDEX = 255  # VOC's label for object outlines and padding: no loss, no metric
 
 # model
@@ -159,8 +158,8 @@ COMPARE_SCRATCH = True  # when ImageNet weights load, also train each run from s
 ASPP_RATES = "auto"  # "auto": fitted to the training crop's feature map; or e.g. (6, 12, 18)
 DROPOUT = 0.1  # after the ASPP projection; torchvision uses 0.5 for long GPU runs
 
-# training on the synthetic set
-WARMUP_EPOCHS = 1  # with pretrained weights only: decoder-only passes, encoder frozen
+# training (both; on photos an "epoch" below means one REAL_VAL_EVERY stretch of steps)
+WARMUP_EPOCHS = 1  # with pretrained weights only: decoder-only epochs, encoder frozen
 ENCODER_LR_FACTOR = 0.1  # pretrained encoder learns 10x slower; from scratch it gets the full LR
 WEIGHT_DECAY = 1e-4  # mild L2 regularization, as in the DeepLab recipes
 POLY_POWER = 0.9  # poly decay: lr * (1 - step / total_steps) ** 0.9
@@ -234,6 +233,7 @@ VOC_CLASSES = (
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )  # fmt: skip
+NUM_CLASSES = len(VOC_CLASSES)  # not a setting: the synthetic set draws VOC's 20 object classes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -325,7 +325,9 @@ def read_mask(path: Path, colours: dict | None = None) -> np.ndarray:
     """
     try:
         mask = Image.open(path)
-        if mask.mode in ("RGB", "RGBA", "LA"):
+        if mask.mode == "LA":  # grey + alpha: the grey values are the labels
+            mask = mask.convert("L")
+        if mask.mode in ("RGB", "RGBA"):
             if colours is None:
                 raise SystemExit(
                     f"error: {path} is a colour image; masks must store class indices (a mode L "
@@ -389,8 +391,9 @@ def check_pairs(pairs: list[tuple[Path, Path]], num_classes: int | None, colours
         labels = labels[labels != IGNORE_INDEX]
         if labels.size and (labels.min() < 0 or (num_classes and labels.max() >= num_classes)):
             bad = labels[(labels < 0) | (labels >= (num_classes or 256))].tolist()
+            allowed = f"0..{num_classes - 1}" if num_classes else "0, 1, 2, ..."
             raise SystemExit(
-                f"error: mask {mask_path} has class values {bad[:5]} outside 0..{num_classes - 1} "
+                f"error: mask {mask_path} has class values {bad[:5]} outside {allowed} "
                 f"(and {IGNORE_INDEX} = ignore); masks stored as 0/255 must be mapped to 0/1, "
                 "and classes.txt must list every class"
             )
@@ -918,6 +921,8 @@ def training_plan(real: bool, train_size: int, world: int = 1) -> dict:
 
 def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict]:
     """The data's description (source, classes), the training plan that fits it, three loaders."""
+    if CLASS_WEIGHTING not in ("sqrt", None):  # before the data is read: fail fast
+        raise SystemExit(f'error: CLASS_WEIGHTING must be "sqrt" or None, not {CLASS_WEIGHTING!r}')
     datasets, source = load_datasets()
     classes, real = source["classes"], source["real"]
     plan = training_plan(real, len(datasets["train"]), world)
@@ -1110,11 +1115,17 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, dilation:
 
 
 def fitted_aspp_rates(crop: int, output_stride: int) -> tuple[int, int, int]:
-    """ASPP rates scaled to the side of the crop's stride-`output_stride` map, increasing."""
+    """ASPP rates scaled to the side of the crop's stride-`output_stride` map, increasing.
+
+    Every rate stays below the side (a rate >= side makes a branch a 1x1 convolution), so on a
+    tiny map the rates may repeat: 2 x 2 cells give (1, 1, 1).
+    """
     side = math.ceil(crop / output_stride)  # e.g. 513 px at stride 16 -> 33 cells
+    largest = max(1, side - 1)
     rates = []
     for fraction in (3 / 16, 3 / 8, 9 / 16):  # 6, 12, 18 on the paper's 33-cell map
-        rates.append(max(round(fraction * (side - 1)), rates[-1] + 1 if rates else 1))
+        rate = max(round(fraction * (side - 1)), rates[-1] + 1 if rates else 1)
+        rates.append(min(rate, largest))
     return tuple(rates)
 
 
@@ -1155,7 +1166,8 @@ def warn_if_rates_too_large(rates, size) -> bool:
         log(
             f"Warning: ASPP rates {too_large} do not fit the {height} x {width} feature map: their "
             "off-centre taps fall outside it, so those branches act as 1x1 convolutions; use "
-            'ASPP_RATES = "auto", larger images, or OUTPUT_STRIDE = 8'
+            'ASPP_RATES = "auto" (fitted to the training crop), larger images or crops, or '
+            "OUTPUT_STRIDE = 8"
         )
     return bool(too_large)
 
@@ -1608,6 +1620,11 @@ def start_phase(model: SegmentationModel, device, optimizer, frozen: bool) -> nn
 def validate(model, loader, device, plan: dict, num_classes: int) -> dict:
     """Scores on the validation split (single scale): what the best weights are chosen on."""
     cm = evaluate(model, loader, device, num_classes, short_side=plan["short_side"])
+    if cm.sum() == 0:  # mIoU would be NaN, and no weights could ever count as "best"
+        raise SystemExit(
+            "error: the validation masks hold no labelled pixel (all 255 = ignore): there is "
+            "nothing to choose the model on; check the masks of the validation split"
+        )
     return metrics_from_confusion(cm)
 
 

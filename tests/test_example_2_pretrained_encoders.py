@@ -610,6 +610,33 @@ def test_bad_folders_and_masks_are_one_line_errors_naming_the_file(mod, isolated
     assert "\n" not in str(error.value)
 
 
+def test_grey_alpha_masks_negative_labels_and_bad_settings(mod, isolated, tmp_path):
+    root = tmp_path / "odd"
+    written = write_folder(root, 3)
+    path = root / "masks" / "img0_000.png"
+    Image.fromarray(written[0].astype(np.uint8), mode="L").convert("LA").save(path)
+    assert np.array_equal(mod.read_mask(path), written[0])  # grey + alpha: the grey values
+    path.unlink()
+    Image.fromarray(np.full(written[0].shape, -1, np.int32)).save(path.with_suffix(".tif"))
+    isolated(mod, DATA_ROOT=root, DATASET="folder")  # no classes.txt: no number of classes yet
+    with pytest.raises(SystemExit, match=r"^error: mask .*img0_000\.tif has class values \[-1\] "
+                       r"outside 0, 1, 2, \.\.\."):  # fmt: skip
+        mod.load_datasets()
+    isolated(mod, DATA_ROOT=root, DATASET="folder", CLASS_WEIGHTING="log")
+    with pytest.raises(SystemExit, match=r'^error: CLASS_WEIGHTING must be "sqrt" or None'):
+        mod.prepare_data(0, 1)
+
+
+def test_validation_without_labelled_pixels_is_one_clear_error(mod, isolated):
+    isolated(mod)
+    model = mod.build_model("fpn", "resnet18", 3, pretrained=False, decoder_channels=8)
+    masks = torch.full((2, 32, 32), 255, dtype=torch.int64)  # every pixel ignored
+    loader = [(torch.rand(2, 3, 32, 32), masks)]
+    plan = {"short_side": None}
+    with pytest.raises(SystemExit, match=r"^error: the validation masks hold no labelled pixel"):
+        mod.validate(model, loader, torch.device("cpu"), plan, 3)
+
+
 def test_a_tiny_voc_format_folder_with_only_a_train_list_still_splits(mod, isolated, tmp_path):
     write_tiny_vocdevkit(tmp_path, mod.voc_palette())
     (tmp_path / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").unlink()
@@ -879,6 +906,10 @@ def test_aspp_warns_when_a_rate_does_not_fit_and_auto_rates_fit(mod, isolated, c
     assert fitted.config["aspp_rates"] == (1, 2, 3)
     fitted.train()(images)
     assert "Warning" not in capsys.readouterr().out
+    for crop in (32, 48, 64, 96, 321, 513):  # "auto" fits every map of 2 cells or more
+        side = -(-crop // 16)
+        assert all(1 <= rate < side for rate in mod.fitted_aspp_rates(crop, 16)), crop
+    assert mod.fitted_aspp_rates(48, 16) == (1, 2, 2)  # 3 x 3 cells: a rate may repeat
 
     # why it matters: a 3x3 convolution with rate 6 on a 4 x 4 map IS a 1x1 (its centre tap)
     torch.manual_seed(0)
