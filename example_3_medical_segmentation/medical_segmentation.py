@@ -156,7 +156,7 @@ HU_WINDOW = (50.0, 400.0)  # (level, width): the abdominal soft-tissue window, -
 COMPARE_EPOCHS = 2  # the comparison runs the first epochs of the main schedule with each loss
 WEIGHT_DECAY = 1e-4  # mild regularisation (AdamW: decoupled from the gradient)
 DICE_SMOOTH = 1.0  # smoothing term of the soft Dice loss (voxels); keeps empty classes finite
-FOCAL_GAMMA = 2.0  # focal loss focusing parameter; 0 turns it back into cross-entropy
+FOCAL_GAMMA = 2.0  # focal loss focusing parameter; 0 turns it back into weighted cross-entropy
 INTENSITY_JITTER = 0.15  # random contrast / brightness change per training slice (scanner mimic)
 PATIENCE = 4  # stop when the validation Dice has not improved for this many epochs
 # evaluation
@@ -573,9 +573,11 @@ def describe_model(in_channels: int, names) -> int:
 # background: predicting "no lesion" everywhere already gives a low loss. The remedies:
 # - oversampling: draw slices that contain lesion LESION_OVERSAMPLE times more often (sampler);
 # - class-weighted CE: each class's voxels weigh 1 / sqrt(its frequency) (normalized to mean 1);
-# - focal loss: multiply CE by (1 - p_true)^gamma, so well-classified voxels stop counting;
+# - focal loss: multiply the weighted CE by (1 - p_true)^gamma, so well-classified voxels stop
+#   counting (the class weights play the role of the focal paper's alpha);
 # - soft Dice loss: optimize the overlap measure directly. Dice is a *ratio* per class, so a
-#   lesion of 100 voxels counts as much as an organ of 10000: it is imbalance-proof by design;
+#   lesion of 100 voxels counts as much as an organ of 10000: far less sensitive to the
+#   imbalance, though it can start slowly (see the comparison after training);
 # - Dice + CE: Dice for the overlap, CE for well-behaved per-voxel gradients (nnU-Net's default).
 #
 # Soft Dice. For class c with softmax probabilities p and one-hot target g over all voxels of the
@@ -623,16 +625,21 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight=None) -> torch.Tensor:
-    """Mean over valid voxels of -w_t * (1 - p_t)^gamma * log p_t; logits (N, K, H, W)."""
+    """sum of -w_t * (1 - p_t)^gamma * log p_t over valid voxels / sum of their w_t.
+
+    logits (N, K, H, W). Normalized as nn.CrossEntropyLoss(weight=...) is, so gamma = 0 gives
+    exactly the weighted cross-entropy.
+    """
     log_probs = logits.float().log_softmax(dim=1)  # (N, K, H, W)
     valid = target != IGNORE_INDEX
     # Gotcha: gather with 255 in the target indexes out of range; replace it first, mask it later.
     safe = torch.where(valid, target, torch.zeros_like(target))
     log_pt = log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)  # (N, H, W) log-prob of the truth
-    loss = -((1 - log_pt.exp()) ** FOCAL_GAMMA) * log_pt
-    if weight is not None:
-        loss = loss * weight[safe]
-    return loss[valid].mean() if valid.any() else logits.sum() * 0.0
+    loss = -((1 - log_pt.exp()) ** FOCAL_GAMMA) * log_pt  # (N, H, W)
+    w = weight[safe] if weight is not None else torch.ones_like(loss)  # (N, H, W) w_t per voxel
+    if not valid.any():
+        return logits.sum() * 0.0  # nothing labelled: a zero that still has a gradient graph
+    return (loss * w)[valid].sum() / w[valid].sum()
 
 
 def make_loss(name: str, class_weights: torch.Tensor):
@@ -733,22 +740,26 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple) -> float:
     )
 
 
-def count_lesions(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+def count_lesions(pred: np.ndarray, truth: np.ndarray, min_overlap: float = 0.1) -> dict:
     """Lesion-wise detection with 3D connected components (26-connectivity) of bool volumes.
 
-    A true lesion is "found" when at least one predicted lesion voxel touches it; a predicted
-    component that touches no true lesion is a false positive.
+    A true lesion is "found" when predicted lesion voxels cover at least `min_overlap` of it; a
+    predicted component with less than `min_overlap` of its voxels on true lesions is a false
+    positive. Gotcha: "any overlap" is not enough - one blob over the whole organ would then
+    "find" every lesion with no false positive.
     """
     structure = np.ones((3, 3, 3), dtype=bool)  # neighbours across faces, edges and corners
     truth_labels, n_true = ndimage.label(truth, structure=structure)
     pred_labels, n_pred = ndimage.label(pred, structure=structure)
-    found = len(np.setdiff1d(np.unique(truth_labels[pred]), [0]))  # true lesions hit by pred
-    hit = len(np.setdiff1d(np.unique(pred_labels[truth]), [0]))  # predicted blobs on a lesion
+    # share of each true lesion that is predicted, and of each predicted blob that is true
+    covered = ndimage.mean(pred.astype(float), truth_labels, np.arange(1, n_true + 1))
+    on_lesion = ndimage.mean(truth.astype(float), pred_labels, np.arange(1, n_pred + 1))
+    found = int(np.sum(np.asarray(covered) >= min_overlap))
     return {
         "true_lesions": n_true,
         "found": found,
         "missed": n_true - found,
-        "false_positives": n_pred - hit,
+        "false_positives": int(np.sum(np.asarray(on_lesion) < min_overlap)),
     }
 
 
@@ -968,7 +979,7 @@ class BestWeights:
 
     def update(self, model: nn.Module, score: float, epoch: int) -> bool:
         """Keep (and save) the weights when `score` beats the best so far; else count a miss."""
-        if score <= self.score:
+        if not score > self.score:  # Gotcha: "score <= best" would let a NaN score count as best
             self.waited += 1
             return False
         self.score, self.waited = score, 0
@@ -1097,7 +1108,7 @@ def choose_threshold(model, prepared: list[Prepared], names, device) -> tuple[fl
         t: validation_dice(model, prepared, names, device, t, probs)[names[-1]]
         for t in LESION_THRESHOLDS
     }
-    best = max(by_threshold, key=by_threshold.get)
+    best = max(by_threshold, key=lambda t: -1.0 if np.isnan(by_threshold[t]) else by_threshold[t])
     return best, by_threshold
 
 
@@ -1514,13 +1525,24 @@ def read_image(path: Path, mode: str) -> np.ndarray:
 
 
 def mask_to_indices(mask: np.ndarray, path: Path) -> np.ndarray:
-    """(H, W) uint8 -> int64 class indices: 0/255 (or noisy JPEG) masks become 0/1, indices stay."""
+    """(H, W) uint8 -> int64 class indices.
+
+    Values below 128 only: class indices 0, 1, 2, ... as they are. Otherwise a binary grey mask
+    (0/255, 0/128, or a JPEG's noisy 0/255 with grey edges): foreground = the values >= 128.
+    Small indices next to 255 (an ignore label) are an error: this chapter reads no ignore label
+    from masks (a field of view goes in fov/).
+    """
     values = np.unique(mask)
-    if set(values.tolist()) <= {0, 255} or len(values) > 20:  # binary, possibly JPEG-noisy
-        return (mask >= 128).astype(np.int64)
-    if values.max() >= IGNORE_INDEX:
-        raise SystemExit(f"error: mask {path} mixes class indices with the value {values.max()}")
-    return mask.astype(np.int64)
+    if values.max() < 128:
+        return mask.astype(np.int64)
+    small, bright = values[(values > 0) & (values < 128)], values[values >= 128]
+    if len(small) and bright.tolist() == [255]:  # e.g. 0, 1, 2 and 255, nothing in between
+        raise SystemExit(
+            f"error: mask {path} holds class indices {small[:5].tolist()} and 255; masks are "
+            "binary (0 and 255, or any grey >= 128 = foreground) or class indices 0, 1, 2, ... "
+            "without 255 (a field of view goes in fov/)"
+        )
+    return (mask >= 128).astype(np.int64)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -1672,6 +1694,12 @@ def load_folder_splits(data_dir: Path, seed: int) -> tuple[dict[str, list[Case]]
             "test": load_folder_cases(data_dir / "test", k),
         }
     else:
+        if not (data_dir / "images").is_dir():  # neither layout: say what is there
+            found = ", ".join(sorted(f"{p.name}/" for p in data_dir.iterdir() if p.is_dir()))
+            raise SystemExit(
+                f"error: {data_dir} holds neither images/ + masks/ nor train/ + test/ (each with "
+                f"images/ and masks/); found: {found or 'no folders'}"
+            )
         cases = load_folder_cases(data_dir, k)
         if len(cases) < 3:
             raise SystemExit(
@@ -2144,7 +2172,10 @@ def predict_image(image_path: Path, checkpoint_path: Path, device: torch.device)
     if config["modality"] == "photo":  # native resolution, sliding windows, as in training
         rgb = read_image(image_path, "RGB").astype(np.float32) / 255.0  # (H, W, 3)
         pixels = normalize_photo(rgb.transpose(2, 0, 1)[:, None])[:, 0]  # (3, H, W)
-        probs = sliding_window_probabilities(model, pixels, device)  # (K, H, W)
+        height, width = rgb.shape[:2]  # a photo smaller than a patch is padded, as in training
+        pad = ((0, 0), (0, max(0, PATCH_SIZE - height)), (0, max(0, PATCH_SIZE - width)))
+        probs = sliding_window_probabilities(model, np.pad(pixels, pad), device)
+        probs = probs[:, :height, :width]  # (K, H, W): the padding cut off again
     else:
         inputs, rgb = image_inputs(image_path, config)
         probs = torch.from_numpy(predict_probabilities(model, inputs, device))  # (K, 1, S, S)

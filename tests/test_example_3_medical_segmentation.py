@@ -118,6 +118,11 @@ def test_focal_loss_with_gamma_zero_is_cross_entropy(isolated):
     target[0, 0, 0] = mod.IGNORE_INDEX
     expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=mod.IGNORE_INDEX)
     assert mod.focal_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    weight = torch.tensor([0.2, 1.0, 3.0])  # class weights, as make_loss passes them
+    expected = torch.nn.functional.cross_entropy(
+        logits, target, weight=weight, ignore_index=mod.IGNORE_INDEX
+    )
+    assert mod.focal_loss(logits, target, weight).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 # --- Sensitivity, specificity, precision ------------------------------------------------------
@@ -477,11 +482,18 @@ def test_lesion_counting_on_a_constructed_volume():
     truth[5:8, 10:14, 10:14] = True  # lesion 2
     truth[8, 2, 2] = truth[9, 3, 3] = True  # lesion 3: two voxels touching only at a corner
     pred = np.zeros_like(truth)
-    pred[2, 2, 2] = True  # touches lesion 1
+    pred[2, 2:4, 2:4] = True  # 4 of lesion 1's 18 voxels: found
     pred[6:8, 11:13, 11:13] = True  # inside lesion 2
     pred[0, 18:20, 18:20] = True  # a false positive
     counts = mod.count_lesions(pred, truth)
     assert counts == {"true_lesions": 3, "found": 2, "missed": 1, "false_positives": 1}
+    grazing = pred.copy()
+    grazing[8, 2:20, 2:20] = True  # a big blob over 1 of lesion 3's 2 voxels: lesion 3 found,
+    counts = mod.count_lesions(grazing, truth)  # but the blob (joined to lesion 2's prediction)
+    assert counts == {"true_lesions": 3, "found": 3, "missed": 0, "false_positives": 2}
+    # is 9 lesion voxels in 332: a false positive
+    everywhere = mod.count_lesions(np.ones_like(truth), truth)  # "lesion" everywhere
+    assert everywhere == {"true_lesions": 3, "found": 3, "missed": 0, "false_positives": 1}
 
 
 # --- Training and the whole script ------------------------------------------------------------
@@ -535,6 +547,8 @@ def test_best_weights_keep_the_best_epoch_in_memory_and_on_disk(tmp_path):
     assert torch.equal(saved["model_state"]["weight"], first["weight"])
     assert best.update(model, 0.6, epoch=3) and best.waited == 0
     assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert not best.update(model, float("nan"), epoch=4)  # an undefined score is never the best
+    assert torch.load(path, weights_only=True)["epoch"] == 3
     assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]  # no temporary file left
 
 
@@ -584,6 +598,11 @@ def test_user_errors_exit_with_one_clear_line(isolated, tmp_path, monkeypatch):
         mod.main(["--predict", str(tmp_path / "slice.png")])
     with pytest.raises(SystemExit, match="error: .*nowhere.* is not a folder"):
         mod.main(["--data-dir", str(tmp_path / "nowhere")])
+    (tmp_path / "drive" / "training").mkdir(parents=True)  # DRIVE as downloaded: not renamed
+    (tmp_path / "drive" / "test").mkdir()
+    layouts = r"error: .*drive holds neither images/ \+ masks/ nor train/ \+ test/ .*found: test/"
+    with pytest.raises(SystemExit, match=layouts):
+        mod.main(["--data-dir", str(tmp_path / "drive")])
 
 
 # --- Issue 12, item 7: the lesion facts have one source of truth -------------------------------
@@ -776,6 +795,18 @@ def test_train_folder_of_one_image_is_one_line_error(tmp_path, isolated):
     write_retinas(tmp_path / "test", RAGGED[1:2], seed=1)
     with pytest.raises(SystemExit, match=r"error: .*train has 1 image\(s\); at least 2"):
         mod.load_folder_splits(tmp_path, seed=0)
+
+
+def test_mask_values_are_read_as_binary_grey_or_class_indices():
+    def read(values):
+        return mod.mask_to_indices(np.array([values], dtype=np.uint8), Path("m.png"))[0].tolist()
+
+    assert read([0, 255, 0]) == [0, 1, 0]  # binary 0/255
+    assert read([0, 128, 0]) == [0, 1, 0]  # binary 0/128
+    assert read([0, 1, 2, 253, 254, 255, 3]) == [0, 0, 0, 1, 1, 1, 0]  # JPEG-noisy 0/255
+    assert read([0, 1, 2, 5]) == [0, 1, 2, 5]  # class indices stay
+    with pytest.raises(SystemExit, match=r"error: mask m\.png holds class indices \[1, 2\] and 255"):
+        read([0, 1, 2, 255])
 
 
 def test_fov_and_classes_errors_name_the_file(tmp_path, isolated):
@@ -1016,3 +1047,6 @@ def test_main_with_data_dir_end_to_end_then_predict(tmp_path, isolated, capsys):
     result = mod.main(["--predict", str(photo)])
     overlay = Image.open(result["overlay"])
     assert overlay.size == Image.open(photo).size  # the prediction comes back at the photo's size
+    tiny = tmp_path / "tiny.png"  # smaller than a training patch: padded, as in training
+    Image.fromarray(np.array(Image.open(photo).convert("RGB"))[:3, :40]).save(tiny)
+    assert Image.open(mod.main(["--predict", str(tiny)])["overlay"]).size == (40, 3)
