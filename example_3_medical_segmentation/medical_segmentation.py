@@ -8,7 +8,8 @@ What you will learn
   resampling to a common spacing (linear for images, nearest for masks) and 2.5D inputs
   (neighbouring slices as extra channels).
 - Class imbalance (lesions are ~1% of the voxels): oversampling lesion slices, class-weighted
-  cross-entropy, focal loss, soft Dice loss and Dice + cross-entropy, compared in one run.
+  cross-entropy, focal loss, soft Dice loss and Dice + cross-entropy (two compared side by side
+  in the default run, all five with one edit: COMPARE_LOSSES).
 - Soft Dice loss on softmax probabilities: what the smoothing term does, why background is left
   out.
 - Validation that a clinician would accept: split by *patient*, never by slice; pick epoch and
@@ -158,9 +159,10 @@ WEIGHT_DECAY = 1e-4  # mild regularisation (AdamW: decoupled from the gradient)
 DICE_SMOOTH = 1.0  # smoothing term of the soft Dice loss (voxels); keeps empty classes finite
 FOCAL_GAMMA = 2.0  # focal loss focusing parameter; 0 turns it back into weighted cross-entropy
 INTENSITY_JITTER = 0.15  # random contrast / brightness change per training slice (scanner mimic)
-PATIENCE = 4  # stop when the validation Dice has not improved for this many epochs
+PATIENCE = 4  # stop when the validation Dice has not improved for this many epochs (with
+#               EPOCHS = 6 it can only act late: lower it, or raise EPOCHS, to see it stop a run)
 # evaluation
-LESION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # candidates for the lesion probability threshold
+LESION_THRESHOLDS = (None, 0.3, 0.4, 0.5, 0.6, 0.7)  # lesion threshold candidates; None = argmax
 CONFIDENCE = 0.95  # Student-t interval of the mean over patients (or images)
 # your own 2D photos (--data-dir)
 PATCH_FOREGROUND = 0.5  # share of patches centred on a foreground pixel (the rest: anywhere)
@@ -248,7 +250,7 @@ class Case:
     image: np.ndarray  # (C, D, H, W) float32: HU for CT (C = 1), RGB in [0, 1] for photos (C = 3)
     mask: np.ndarray  # (D, H, W) int64 class indices
     spacing: tuple  # (z, y, x) millimetres per voxel (pixels for photos)
-    modality: str  # "ct" or "photo": decides the intensity preprocessing
+    modality: str  # "ct" or "photo": what was acquired (--predict reads it from the checkpoint)
     fov: np.ndarray | None = None  # (D, H, W) bool field of view (photos with a fov/ folder)
 
 
@@ -270,7 +272,10 @@ def patient_geometry(rng: np.random.Generator) -> tuple[tuple, tuple]:
 
 
 def draw_lesions(rng, coords, organ, organ_centre, organ_radii, voxel_mm3) -> np.ndarray:
-    """LESIONS_DRAWN ellipsoidal lesions inside the organ, LESION_SHARE of all voxels (D, H, W)."""
+    """LESIONS_DRAWN ellipsoidal lesions of LESION_VOLUME in all, clipped to the organ (D, H, W).
+
+    What remains after the clipping is the LESION_SHARE of the README (a test checks it).
+    """
     total_mm3 = organ.size * voxel_mm3
     fraction = rng.uniform(*LESION_VOLUME)  # of all voxels in the scan: the class imbalance
     low, high = LESIONS_DRAWN
@@ -1061,7 +1066,9 @@ def train_and_compare(data: dict, device, checkpoint_path: Path) -> dict:
     loss is the only difference. Returns the model, its history, every curve and the comparison.
     """
     names = data["class_names"]
-    print(f"main run: {LOSS}, up to {EPOCHS} epochs")
+    others = [name for name in COMPARE_LOSSES if name != LOSS]
+    then = f"; then {COMPARE_EPOCHS} epochs of {', '.join(others)} to compare" if others else ""
+    print(f"main run: {LOSS}, up to {EPOCHS} epochs (the time estimate is for it){then}")
     model, history, interrupted = fit(LOSS, data, EPOCHS, device, checkpoint_path)
     histories, comparison = {f"{LOSS} (main run)": history}, {}
     if interrupted:  # Ctrl-C means "stop training": on to the evaluation, no comparison runs
@@ -1090,7 +1097,8 @@ def train_and_compare(data: dict, device, checkpoint_path: Path) -> dict:
 # %% 7. Evaluation: 3D, per patient, with uncertainty
 # ===============================================================================================
 # The lesion threshold t of section 6's decision rule is chosen on the validation patients (as
-# is the epoch), saved with the model, and the test patients are scored once.
+# is the epoch), saved with the model, and the test patients are scored once. Plain argmax
+# (t = None) is one of the candidates: tuning can then never do worse than no tuning on validation.
 # Each patient gets its own scores; the cohort result is the mean over patients with its standard
 # deviation s and a Student-t 95% interval of the mean, mean +- t(0.975, n-1) * s / sqrt(n).
 # Gotcha: with a handful of patients a bootstrap percentile interval is too narrow (resampling 6
@@ -1252,8 +1260,9 @@ def evaluate_test(model, prepared: dict, names, device, checkpoint_path: Path) -
     """Choose the threshold on validation, then score the test (and OOD) patients once."""
     threshold, val_by_threshold = choose_threshold(model, prepared["val"], names, device)
     checkpoint = store_threshold(checkpoint_path, threshold)
+    rule = "argmax (no threshold)" if threshold is None else f"threshold {threshold}"
     print(
-        f"best epoch {checkpoint['epoch']}; {names[-1]} threshold {threshold} chosen on validation "
+        f"best epoch {checkpoint['epoch']}; {names[-1]} {rule} chosen on validation "
         f"(val Dice {val_by_threshold[threshold]:.3f})"
     )
     results, predicted = {}, np.zeros(len(names), dtype=np.int64)
@@ -1324,10 +1333,10 @@ def plot_scanner_histograms(ax_hu, ax_z, cases: list[Case]) -> None:
 
 
 def plot_resampling_panels(axes, case: Case, prep: Prepared) -> None:
-    """(c) A coronal cut in voxels and in millimetres; (d) a 2.5D input; (c) the resampled mask."""
+    """(c) A coronal cut in voxels and in millimetres, the resampled mask; (d) a 2.5D input."""
     level, width = HU_WINDOW
     y = case.mask.shape[1] // 2 + 5  # a coronal cut near the organ
-    axes[0].imshow(window_hu(case.image[0, :, y], level, width), cmap="gray", aspect="auto")
+    axes[0].imshow(window_hu(case.image[0, :, y], level, width), cmap="gray", aspect=1)
     axes[0].set_title(
         f"(c) coronal, native voxels ({case.spacing[0]:.1f} x {case.spacing[2]:.1f} mm)\n"
         "drawn one pixel per voxel: squashed"
@@ -1343,12 +1352,12 @@ def plot_resampling_panels(axes, case: Case, prep: Prepared) -> None:
         else prep.inputs[k, :1].repeat(3, 0)
     )
     rgb = (rgb - rgb.min()) / (np.ptp(rgb) + 1e-6)
-    axes[2].imshow(rgb.transpose(1, 2, 0))  # (3, S, S) -> (S, S, 3)
-    axes[2].set_title(
+    axes[2].imshow(prep.labels[k], cmap="viridis", vmin=0, vmax=2, interpolation="nearest")
+    axes[2].set_title("(c) mask, nearest-resampled:\nstill only labels 0, 1, 2")
+    axes[3].imshow(rgb.transpose(1, 2, 0))  # (3, S, S) -> (S, S, 3)
+    axes[3].set_title(
         f"(d) 2.5D input on the {TARGET_SPACING[1]:.0f} mm grid\nz-1, z, z+1 as R, G, B"
     )
-    axes[3].imshow(prep.labels[k], cmap="viridis", vmin=0, vmax=2, interpolation="nearest")
-    axes[3].set_title("(c) mask, nearest-resampled:\nstill only labels 0, 1, 2")
 
 
 def plot_preprocessing(cases: list[Case], prepared: list[Prepared], path: Path) -> None:
@@ -1485,7 +1494,8 @@ def make_figures(splits: dict, prepared: dict, training: dict, evaluation: dict,
 #   flips / quarter turns, applied to the image and the mask alike (one draw for both: that is
 #   what makes it paired), and a mild per-channel colour jitter (image only).
 # - The schedule counts optimizer steps (PHOTO_STEPS), not epochs: an "epoch" of 20 photos is
-#   a handful of batches, and 6 epochs would be 6 steps. 20 images train as long as 2,000.
+#   2-3 batches of PHOTO_BATCH, so 6 epochs would be about 15 steps. Counted in steps, 20 images
+#   train as long as 2,000.
 # - Every VAL_EVERY steps the held-out validation photos are segmented whole and scored; the
 #   best weights are kept, training stops after PHOTO_PATIENCE validations without improvement,
 #   and the decision threshold is chosen on the same validation photos afterwards.
@@ -2132,8 +2142,9 @@ def run_photos(splits: dict, names, device, checkpoint_path: Path, start: float)
 # A trained checkpoint segments one 2D image. For a CT model the image must be a slice shown in
 # the training window (a PNG exported from a viewer with L=50, W=400, like
 # outputs/example_slice.png) covering about IMAGE_SIZE x TARGET_SPACING mm: gray values 0..255
-# are mapped back to HU, then preprocessed as in training (the single slice is repeated as its own
-# neighbours). For a model trained on a folder of photos, the image is read in colour.
+# are mapped back to HU, then preprocessed as in training, with two differences: the z-score
+# uses this one slice's body pixels (training used the whole volume's), and the slice is repeated
+# as its own neighbours. For a model trained on a folder of photos, the image is read in colour.
 # Probabilities are resized back to the image's size with an explicit size= before the decision.
 
 
@@ -2239,7 +2250,9 @@ def write_metrics(run: dict, device, start: float) -> dict:
         "test_ood": results.get("ood"),
         "validation": dict(
             threshold=evaluation["threshold"],
-            lesion_dice_by_threshold=evaluation["val_by_threshold"],
+            lesion_dice_by_threshold={  # JSON keys: "argmax" for None, else the threshold
+                "argmax" if t is None else t: d for t, d in evaluation["val_by_threshold"].items()
+            },
         ),
         "loss_comparison": training["comparison"],
         "best_epoch": evaluation["best_epoch"],

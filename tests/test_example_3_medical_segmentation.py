@@ -513,11 +513,35 @@ def test_a_short_training_run_learns(isolated):
         class_names=names,
         class_weights=mod.class_weights_from(labels, len(names)),
     )
-    model, history = mod.fit("dice_ce", data, 8, torch.device("cpu"))
+    model, history, _ = mod.fit("dice_ce", data, 8, torch.device("cpu"))
     assert history[-1]["train_loss"] < 0.4 * history[0]["train_loss"]
     assert history[0]["val_dice"]["lesion"] < 0.2  # it starts knowing nothing ...
     dice = mod.validation_dice(model, prepared["val"], names, torch.device("cpu"), None)
     assert dice["organ"] > 0.8 and dice["lesion"] > 0.5  # ... and finds organ and lesions in 3D
+
+
+def test_ctrl_c_in_the_main_run_keeps_its_best_weights_and_skips_the_comparison(
+    isolated, monkeypatch, capsys, tmp_path
+):
+    isolated(mod, **TINY, COMPARE_LOSSES=("weighted_ce", "dice_ce"), LOSS="dice_ce")
+    splits, names = mod.load_data()
+    prepared = {s: [mod.preprocess(c) for c in cases] for s, cases in splits.items()}
+    labels = mod.slice_tensors(prepared["train"])[1].numpy()
+    data = dict(train=prepared["train"], val=prepared["val"], class_names=names,
+                class_weights=mod.class_weights_from(labels, len(names)))  # fmt: skip
+    real_epoch, calls = mod.train_one_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the second epoch
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "train_one_epoch", interrupted_in_epoch_2)
+    result = mod.train_and_compare(data, torch.device("cpu"), tmp_path / "best.pt")
+    assert len(calls) == 2 and len(result["history"]) == 1  # no comparison run started
+    assert result["comparison"] == {} and "loss comparison skipped" in capsys.readouterr().out
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
 
 
 def test_model_size_is_counted_by_hand(isolated, capsys):
