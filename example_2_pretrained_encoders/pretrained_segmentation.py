@@ -32,8 +32,9 @@ False), says so in one line and uses the built-in synthetic VOC-like set, which 
 with DOWNLOAD_VOC = True it first downloads VOC 2012 trainval (2 GB) into DATA_ROOT/VOCdevkit.
 DATASET = "folder" reads DATA_ROOT/images + DATA_ROOT/masks (or DATA_ROOT/train|val|test/...).
 PRETRAINED = True tries to download torchvision's ImageNet weights for the encoder (about 45 MB
-for ResNet-18, into torch's cache, ~/.cache/torch); offline it says so in one line and the
-encoder starts from random weights. PRETRAINED_WEIGHTS = a local file reads that file instead.
+for ResNet-18, into torch's cache, ~/.cache/torch); offline a one-line note per model says so
+and the encoder starts from random weights. PRETRAINED_WEIGHTS = a local file reads that file
+instead.
 
 What you should see
 -------------------
@@ -1413,12 +1414,18 @@ def warn_if_collapsed(predicted_counts, best_val_score: float, names) -> str | N
     return line
 
 
+def prediction_stride(architecture: str, output_stride: int) -> int:
+    """The stride of a model's logits: the encoder's for DeepLabV3, 4 for the decoders that
+    rebuild resolution from the stride-4 features (FPN, DeepLabV3+)."""
+    return output_stride if architecture == "deeplabv3" else 4
+
+
 def add_coarse_label_scores(
     runs: list[dict], test_loader, num_classes: int, short_side: int | None
 ) -> None:
     """Store in every row the coarse-label score of its prediction grid on the test split."""
     for row in runs:
-        stride = 4 if row["architecture"] != "deeplabv3" else row["output_stride"]
+        stride = prediction_stride(row["architecture"], row["output_stride"])
         row["coarse_labels_miou"] = coarse_labels_miou(test_loader, stride, num_classes, short_side)
 
 
@@ -1571,10 +1578,10 @@ def make_optimizer(model: SegmentationModel, total_steps: int, lr: float | None 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
 
 
-def train_one_epoch(
+def train_steps(
     net, model, loader, optimizer, scheduler, scaler, device, frozen: bool, weight=None
 ) -> float:
-    """Train on every batch `loader` yields (a loader, or a slice of an endless one); mean loss.
+    """Train on every batch `loader` yields (the steps up to the next validation); mean loss.
 
     `net` may be the DDP wrapper of `model`; `weight`: optional loss weight per class.
     """
@@ -1691,7 +1698,7 @@ def fit(
             if round_ == 1 or round_ == warmup + 1:  # a phase starts
                 net = start_phase(model, device, optimizer, frozen)
             steps = min(every, total - (round_ - 1) * every)
-            loss = train_one_epoch(
+            loss = train_steps(
                 net, model, take(batches, steps), optimizer, scheduler, scaler, device, frozen,
                 plan.get("class_weights"))  # fmt: skip
             sync_buffers(model)  # every process now holds rank 0's BatchNorm statistics
@@ -1933,10 +1940,11 @@ def experiment_model(architecture, encoder, pretrained: bool, plan: dict, classe
         class_names=tuple(classes),
     )
     name = f"{architecture}_{encoder}_{'pretrained' if model.pretrained_loaded else 'scratch'}"
-    rates = model.config["aspp_rates"]
+    rates, stride = model.config["aspp_rates"], model.config["output_stride"]
     log(
-        f"\n== {name}: {count_parameters(model) / 1e6:.1f} M parameters, output stride "
-        f"{model.config['output_stride']}" + (f", ASPP rates {rates}" if rates else "")
+        f"\n== {name}: {count_parameters(model) / 1e6:.1f} M parameters, encoder output stride "
+        f"{stride}, logits at stride {prediction_stride(architecture, stride)}"
+        + (f", ASPP rates {rates}" if rates else "")
     )
     return model, name
 

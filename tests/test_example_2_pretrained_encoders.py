@@ -383,14 +383,14 @@ def test_warmup_freezes_encoder_and_its_batchnorm_then_training_learns(mod, isol
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     decoder_before = [p.clone() for p in model.decoder.parameters()]
     mod.set_encoder_trainable(model, False)
-    first = mod.train_one_epoch(model, model, batch, optimizer, scheduler, scaler, cpu, frozen=True)
+    first = mod.train_steps(model, model, batch, optimizer, scheduler, scaler, cpu, frozen=True)
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, encoder_before[key]), f"frozen encoder changed: {key}"
     assert any(not torch.equal(a, b) for a, b in zip(decoder_before, model.decoder.parameters()))
 
     mod.set_encoder_trainable(model, True)
     for _ in range(20):  # fine-tuning on one batch: the loss must fall a lot
-        last = mod.train_one_epoch(
+        last = mod.train_steps(
             model, model, batch, optimizer, scheduler, scaler, cpu, frozen=False
         )
     after = model.encoder.state_dict()["conv1.weight"]
