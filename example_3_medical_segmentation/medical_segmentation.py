@@ -600,6 +600,9 @@ def describe_model(in_channels: int, names) -> int:
 #   Dice = 2TP / (2TP + FP + FN)     IoU = TP / (TP + FP + FN)
 #   sensitivity (recall) = TP / (TP + FN)    specificity = TN / (TN + FP)
 #   precision = TP / (TP + FP)
+# Pixel accuracy is left out on purpose: with ~99% background, a model that never predicts a
+# lesion already scores 0.99. (Specificity has the same weakness, so it is always shown beside
+# sensitivity.)
 # The empty-mask rule: when a class is absent from both the prediction and the ground truth of a
 # patient, Dice and IoU are 0 / 0: undefined. We report NaN and leave that patient out of the mean
 # for that class (nanmean), as we do for IoU in every example. A class absent from the truth but
@@ -2314,9 +2317,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 # %% Appendix: plumbing
 # ===============================================================================================
-# Device choice, seeding, memory layout, mixed precision, atomic saves and JSON: the same helpers
-# in every chapter, copied byte for byte (tests/test_chapters.py compares the copies), so that a
-# diff between two chapters shows only the new idea. Nothing here is about segmentation.
+# Device choice, DataLoader workers, seeding, memory layout, mixed precision, the parameter count,
+# the time estimate, atomic saves and JSON: the same helpers in every chapter, copied byte for byte
+# (tests/test_chapters.py compares the copies), so that a diff between two chapters shows only the
+# new idea. Nothing here is about segmentation.
 
 
 def pick_device(name: str) -> torch.device:

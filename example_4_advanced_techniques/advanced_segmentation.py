@@ -2706,9 +2706,10 @@ def benchmark_crf(seed: int) -> dict:
 
 # %% Appendix: plumbing
 # ===============================================================================================
-# Device choice, seeding, memory layout, mixed precision, atomic saves and JSON: the same helpers
-# in every chapter, copied byte for byte (tests/test_chapters.py compares the copies), so that a
-# diff between two chapters shows only the new idea. Nothing here is about segmentation.
+# Device choice, DataLoader workers, seeding, memory layout, mixed precision, the parameter count,
+# the time estimate, atomic saves and JSON: the same helpers in every chapter, copied byte for byte
+# (tests/test_chapters.py compares the copies), so that a diff between two chapters shows only the
+# new idea. Nothing here is about segmentation.
 
 
 def pick_device(name: str) -> torch.device:
