@@ -226,7 +226,7 @@ QUICK = dict(
 # a crop padded with 255, a horizontal flip. Evaluation sees the whole image, unaugmented.
 #
 # prepare_data at the end of this section ties it together: the datasets, the training plan that
-# fits them (training_plan: how long and on what crops, explained in section 5) and the loaders.
+# fits them (training_plan: how long and on what crops, explained in section 4) and the loaders.
 
 
 VOC_CLASSES = (
@@ -1326,8 +1326,17 @@ def build_model(
 # is predicted but never true has IoU 0 and does count. Pixel accuracy = trace / total, and mean
 # class accuracy = mean over classes present in the truth of TP / row sum.
 #
-# add_coarse_label_scores, at the end of this section, stores in each run's row the score of the
-# true labels pushed through its prediction grid (coarse_labels_miou: how coarse is that grid?).
+# coarse_labels_miou, below, pushes the true labels through a model's prediction grid: how
+# coarse is that grid? (section 6 stores it in every run's row).
+
+
+def make_criterion(weight: torch.Tensor | None, device) -> nn.Module:
+    """Pixel-wise cross-entropy: logits N x K x H x W against class ids N x H x W, 255 skipped.
+
+    weight: optional loss weight per class (K,), e.g. class_weights of section 1 for photos.
+    """
+    weight = None if weight is None else weight.to(device)
+    return nn.CrossEntropyLoss(weight, ignore_index=IGNORE_INDEX)  # Gotcha: 255 is no class
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -1420,121 +1429,7 @@ def prediction_stride(architecture: str, output_stride: int) -> int:
     return output_stride if architecture == "deeplabv3" else 4
 
 
-def add_coarse_label_scores(
-    runs: list[dict], test_loader, num_classes: int, short_side: int | None
-) -> None:
-    """Store in every row the coarse-label score of its prediction grid on the test split."""
-    for row in runs:
-        stride = prediction_stride(row["architecture"], row["output_stride"])
-        row["coarse_labels_miou"] = coarse_labels_miou(test_loader, stride, num_classes, short_side)
-
-
-# %% 4. Evaluation and multi-scale inference
-# ===============================================================================================
-# A network trained at one scale sees objects at one size. At test time we can show it the image at
-# several scales (and mirrored), map every prediction back to the input's pixel grid and average.
-# Three rules make this correct: undo each transform on the *prediction* (flip the logits back,
-# resize them to the exact input H x W with size=, never scale_factor=, which does not commute
-# with the flip), turn logits into probabilities before averaging (logits of different passes are
-# not on a common scale), and average probabilities, never argmax maps.
-#
-# The report at the end of this section: best_run picks the run with the best *validation* mIoU
-# (the test split never chooses), print_report prints its per-class test scores and compares all.
-
-
-def multiscale_probs(
-    model: nn.Module, images: torch.Tensor, scales=(1.0,), flip: bool = False
-) -> torch.Tensor:
-    """Softmax probabilities N x K x H x W averaged over `scales` (and horizontal flips)."""
-    height, width = images.shape[-2:]
-    total, passes = 0.0, 0
-    for scale in scales:
-        # Gotcha: round, not int() - truncated sizes drift off the grid at some scales
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        scaled = (
-            images
-            if size == (height, width)
-            else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        )
-        for flipped in (False, True) if flip else (False,):
-            logits = model(scaled.flip(-1) if flipped else scaled)  # N x K x h x w
-            if flipped:
-                logits = logits.flip(-1)  # undo the flip on the prediction
-            if size != (height, width):
-                # Gotcha: explicit size= back to the input grid
-                logits = F.interpolate(
-                    logits, size=(height, width), mode="bilinear", align_corners=False
-                )
-            total, passes = total + logits.float().softmax(dim=1), passes + 1
-    return total / passes
-
-
-def working_scales(images: torch.Tensor, short_side: int | None, scales) -> tuple[float, ...]:
-    """Scales relative to the input so that 1.0 means "shorter side = short_side" (None: native)."""
-    if short_side is None:
-        return tuple(scales)
-    base = short_side / min(images.shape[-2:])
-    return tuple(base * scale for scale in scales)
-
-
-@torch.inference_mode()  # no autograd bookkeeping at all: faster and lighter than no_grad
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    num_classes: int,
-    scales=(1.0,),
-    flip: bool = False,
-    short_side: int | None = None,
-) -> torch.Tensor:
-    """Confusion matrix (K x K, CPU int64) over the loader's whole split, summed over processes.
-
-    With short_side, the network sees each image resized so that its shorter side is short_side
-    (the size it was trained at); the probabilities come back at the image's full size and are
-    scored against the full-size mask.
-    """
-    model.eval()  # Gotcha: eval() - BatchNorm uses running statistics, dropout is off
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for images, masks in batches_of(loader):
-        images, masks = images.to(device), masks.to(device)
-        with autocast(device):
-            passes = working_scales(images, short_side, scales)
-            probs = multiscale_probs(model, images, passes, flip)
-        cm += confusion_matrix(probs.argmax(dim=1), masks, num_classes)  # at the masks' full size
-    if dist.is_initialized():
-        dist.all_reduce(cm)  # sum over processes: every rank now holds the whole split's counts
-    return cm.cpu()
-
-
-def best_run(runs: list[dict]) -> dict:
-    """The run with the best *validation* mIoU: the test split never chooses anything."""
-    return max(runs, key=lambda run: run["val_miou"])
-
-
-def print_report(runs: list[dict], classes) -> None:
-    """Per-class table of the best run (chosen on validation), then the comparison table."""
-    best = best_run(runs)
-    log(f"\nper-class test results of {best['model']} (best on validation; single scale; "
-        "'-' = class absent):")
-    log(f"  {'class':<17} {'IoU':>6} {'acc':>6}")
-    for name, iou, acc in zip(classes, best["per_class_iou"], best["per_class_accuracy"]):
-        iou_text, acc_text = ("-" if v is None else f"{v:.3f}" for v in (iou, acc))
-        log(f"  {name:<17} {iou_text:>6} {acc_text:>6}")
-    log(
-        f"\n{'model':<28} {'params':>7} {'train s':>8} {'val mIoU':>9} {'test mIoU':>10} "
-        f"{'MS+flip':>8} {'pix acc':>8} {'coarse':>8}"
-    )
-    for run in runs:
-        coarse = run.get("coarse_labels_miou")
-        log(
-            f"{run['model']:<28} {run['params'] / 1e6:>6.1f}M {run['train_seconds']:>8.0f} "
-            f"{run['val_miou']:>9.3f} {run['miou']:>10.3f} {run['miou_multiscale']:>8.3f} "
-            f"{run['pixel_accuracy']:>8.3f} {'' if coarse is None else f'{coarse:.3f}':>8}"
-        )
-    log("(coarse: test mIoU of the true labels averaged over the model's prediction grid)")
-
-
-# %% 5. Training: frozen warm-up (pretrained encoders only), then fine-tuning
+# %% 4. Training: frozen warm-up (pretrained encoders only), then fine-tuning
 # ===============================================================================================
 # Transfer learning in two phases. (1) Warm-up: a *pretrained* encoder is frozen and its
 # BatchNorm layers stay in eval mode, so the randomly initialized decoder's first, large and noisy
@@ -1588,8 +1483,7 @@ def train_steps(
     model.train()
     if frozen:
         model.encoder.eval()  # Gotcha: frozen also means BatchNorm in eval mode (statistics kept)
-    weight = None if weight is None else weight.to(device)
-    criterion = nn.CrossEntropyLoss(weight, ignore_index=IGNORE_INDEX)  # Gotcha: 255 is no class
+    criterion = make_criterion(weight, device)
     total, steps = 0.0, 0
     for images, masks in tqdm(loader, desc="train", leave=False, disable=not is_main_process()):
         images, masks = images.to(device), masks.to(device)  # N x 3 x H x W float, N x H x W int64
@@ -1719,7 +1613,239 @@ def fit(
     return {"history": history, "train_seconds": seconds, "best_val_miou": best["val_miou"]}
 
 
-# %% 6. Visualization
+# %% 5. Evaluation and multi-scale inference
+# ===============================================================================================
+# A network trained at one scale sees objects at one size. At test time we can show it the image at
+# several scales (and mirrored), map every prediction back to the input's pixel grid and average.
+# Three rules make this correct: undo each transform on the *prediction* (flip the logits back,
+# resize them to the exact input H x W with size=, never scale_factor=, which does not commute
+# with the flip), turn logits into probabilities before averaging (logits of different passes are
+# not on a common scale), and average probabilities, never argmax maps.
+#
+# The report at the end of this section: best_run picks the run with the best *validation* mIoU
+# (the test split never chooses), print_report prints its per-class test scores and compares all.
+
+
+def multiscale_probs(
+    model: nn.Module, images: torch.Tensor, scales=(1.0,), flip: bool = False
+) -> torch.Tensor:
+    """Softmax probabilities N x K x H x W averaged over `scales` (and horizontal flips)."""
+    height, width = images.shape[-2:]
+    total, passes = 0.0, 0
+    for scale in scales:
+        # Gotcha: round, not int() - truncated sizes drift off the grid at some scales
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = (
+            images
+            if size == (height, width)
+            else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        )
+        for flipped in (False, True) if flip else (False,):
+            logits = model(scaled.flip(-1) if flipped else scaled)  # N x K x h x w
+            if flipped:
+                logits = logits.flip(-1)  # undo the flip on the prediction
+            if size != (height, width):
+                # Gotcha: explicit size= back to the input grid
+                logits = F.interpolate(
+                    logits, size=(height, width), mode="bilinear", align_corners=False
+                )
+            total, passes = total + logits.float().softmax(dim=1), passes + 1
+    return total / passes
+
+
+def working_scales(images: torch.Tensor, short_side: int | None, scales) -> tuple[float, ...]:
+    """Scales relative to the input so that 1.0 means "shorter side = short_side" (None: native)."""
+    if short_side is None:
+        return tuple(scales)
+    base = short_side / min(images.shape[-2:])
+    return tuple(base * scale for scale in scales)
+
+
+@torch.inference_mode()  # no autograd bookkeeping at all: faster and lighter than no_grad
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    num_classes: int,
+    scales=(1.0,),
+    flip: bool = False,
+    short_side: int | None = None,
+) -> torch.Tensor:
+    """Confusion matrix (K x K, CPU int64) over the loader's whole split, summed over processes.
+
+    With short_side, the network sees each image resized so that its shorter side is short_side
+    (the size it was trained at); the probabilities come back at the image's full size and are
+    scored against the full-size mask.
+    """
+    model.eval()  # Gotcha: eval() - BatchNorm uses running statistics, dropout is off
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for images, masks in batches_of(loader):
+        images, masks = images.to(device), masks.to(device)
+        with autocast(device):
+            passes = working_scales(images, short_side, scales)
+            probs = multiscale_probs(model, images, passes, flip)
+        cm += confusion_matrix(probs.argmax(dim=1), masks, num_classes)  # at the masks' full size
+    if dist.is_initialized():
+        dist.all_reduce(cm)  # sum over processes: every rank now holds the whole split's counts
+    return cm.cpu()
+
+
+def score_on_test(model, loaders: dict, device, plan: dict, num_classes: int):
+    """The test split, scored once: (confusion matrix, single-scale and multi-scale metrics)."""
+    short_side, scales = plan["short_side"], plan["eval_scales"]
+    cm = evaluate(model, loaders["test"], device, num_classes, short_side=short_side)  # one scale
+    single = metrics_from_confusion(cm)
+    multi = metrics_from_confusion(
+        evaluate(model, loaders["test"], device, num_classes, scales, EVAL_FLIP, short_side)
+    )
+    return cm, single, multi
+
+
+def best_run(runs: list[dict]) -> dict:
+    """The run with the best *validation* mIoU: the test split never chooses anything."""
+    return max(runs, key=lambda run: run["val_miou"])
+
+
+def print_report(runs: list[dict], classes) -> None:
+    """Per-class table of the best run (chosen on validation), then the comparison table."""
+    best = best_run(runs)
+    log(f"\nper-class test results of {best['model']} (best on validation; single scale; "
+        "'-' = class absent):")
+    log(f"  {'class':<17} {'IoU':>6} {'acc':>6}")
+    for name, iou, acc in zip(classes, best["per_class_iou"], best["per_class_accuracy"]):
+        iou_text, acc_text = ("-" if v is None else f"{v:.3f}" for v in (iou, acc))
+        log(f"  {name:<17} {iou_text:>6} {acc_text:>6}")
+    log(
+        f"\n{'model':<28} {'params':>7} {'train s':>8} {'val mIoU':>9} {'test mIoU':>10} "
+        f"{'MS+flip':>8} {'pix acc':>8} {'coarse':>8}"
+    )
+    for run in runs:
+        coarse = run.get("coarse_labels_miou")
+        log(
+            f"{run['model']:<28} {run['params'] / 1e6:>6.1f}M {run['train_seconds']:>8.0f} "
+            f"{run['val_miou']:>9.3f} {run['miou']:>10.3f} {run['miou_multiscale']:>8.3f} "
+            f"{run['pixel_accuracy']:>8.3f} {'' if coarse is None else f'{coarse:.3f}':>8}"
+        )
+    log("(coarse: test mIoU of the true labels averaged over the model's prediction grid)")
+
+
+# %% 6. Experiments: train every run, choose on validation, test once
+# ===============================================================================================
+# One experiment = one (decoder, encoder) pair: built and seeded (section 2), trained on its loss
+# with the best validation weights kept (sections 3 and 4), then scored on the test split once,
+# plain and with multi-scale + flip (section 5). After all runs, each row gets the coarse-label
+# score of its prediction grid (section 3) and the report compares them. The run with the best
+# *validation* mIoU becomes best_model.pt (section 9); the test split only reports.
+
+
+def experiment_model(architecture, encoder, pretrained: bool, plan: dict, classes, device):
+    """Build one decoder x encoder pair on `device` (seeded), announce it; return (model, name)."""
+    seed_everything(SEED)  # every run starts from the same data order and seed
+    model = build_model(architecture, encoder, len(classes), pretrained, crop=plan["crop"])
+    model = model.to(device, memory_format=memory_format(device))
+    # --predict reads these back: the size the model works at, its test scales, the class names
+    model.config.update(
+        short_side=plan["short_side"],
+        eval_scales=tuple(plan["eval_scales"]),
+        class_names=tuple(classes),
+    )
+    name = f"{architecture}_{encoder}_{'pretrained' if model.pretrained_loaded else 'scratch'}"
+    rates, stride = model.config["aspp_rates"], model.config["output_stride"]
+    log(
+        f"\n== {name}: {count_parameters(model) / 1e6:.1f} M parameters, encoder output stride "
+        f"{stride}, logits at stride {prediction_stride(architecture, stride)}"
+        + (f", ASPP rates {rates}" if rates else "")
+    )
+    return model, name
+
+
+def result_row(name, model, training: dict, cm, single: dict, multi: dict) -> dict:
+    """One run's line of metrics.json: what it is, how it trained, how it scored."""
+    rates = model.config["aspp_rates"]
+    return {
+        "model": name,
+        "architecture": model.config["architecture"],
+        "encoder": model.config["encoder"],
+        "pretrained": model.pretrained_loaded,
+        "params": count_parameters(model),
+        "output_stride": model.config["output_stride"],
+        "aspp_rates": list(rates) if rates else None,
+        "train_seconds": round(training["train_seconds"], 1),
+        "steps": training["history"][-1]["step"],
+        "epochs": len(training["history"]),  # validations (synthetic: passes over the data)
+        "best_val_miou": training["best_val_miou"],
+        "val_miou": training["best_val_miou"],  # the weights kept; what the best run is chosen on
+        "miou": single["miou"],  # test: reported, never used to choose
+        "pixel_accuracy": single["pixel_accuracy"],
+        "mean_class_accuracy": single["mean_class_accuracy"],
+        "miou_multiscale": multi["miou"],
+        "pixel_accuracy_multiscale": multi["pixel_accuracy"],
+        # NaN (class absent from truth and prediction) -> None: "-" in the report, null in JSON
+        "per_class_iou": [None if math.isnan(v) else v for v in single["per_class_iou"]],
+        "per_class_accuracy": [None if math.isnan(v) else v for v in single["per_class_accuracy"]],
+        "history": training["history"],
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def run_experiment(
+    architecture: str,
+    encoder: str,
+    pretrained: bool,
+    loaders: dict,
+    device,
+    plan: dict | None = None,
+    classes=None,
+) -> tuple[dict, nn.Module]:
+    """Build, train and test one decoder x encoder pair; return its result row and the model."""
+    plan = plan or training_plan(False, len(loaders["train"].dataset))
+    classes = classes or VOC_CLASSES
+    model, name = experiment_model(architecture, encoder, pretrained, plan, classes, device)
+    # the figures and --predict paint each class in the dataset's own colour (an export's labelmap)
+    model.config["class_colours"] = class_colours(loaders["train"].dataset, len(classes))
+    training = fit(model, name, loaders, device, plan, len(classes))
+    cm, single, multi = score_on_test(model, loaders, device, plan, len(classes))
+    log(
+        f"  val mIoU {training['best_val_miou']:.3f}; test mIoU {single['miou']:.3f} "
+        f"(multi-scale + flip {multi['miou']:.3f}), pixel acc {single['pixel_accuracy']:.3f}, "
+        f"trained {training['train_seconds']:.0f} s"
+    )
+    if is_main_process():
+        warn_if_collapsed(cm.sum(dim=0), training["best_val_miou"], classes)
+    return result_row(name, model, training, cm, single, multi), model
+
+
+def run_all_experiments(loaders: dict, device, plan: dict, classes) -> tuple[list, dict]:
+    """Every (decoder, encoder) pair of the plan, and each again from scratch when pretrained;
+    then each row's coarse-label score and the printed comparison."""
+    runs, models = [], {}
+    for architecture, encoder in plan["runs"]:
+        row, model = run_experiment(
+            architecture, encoder, PRETRAINED, loaders, device, plan, classes
+        )
+        runs.append(row)
+        models[row["model"]] = model
+        if row["pretrained"] and COMPARE_SCRATCH:  # the same model from random weights: the gain
+            row, model = run_experiment(
+                architecture, encoder, False, loaders, device, plan, classes
+            )
+            runs.append(row)
+            models[row["model"]] = model
+    add_coarse_label_scores(runs, loaders["test"], len(classes), plan["short_side"])
+    print_report(runs, classes)  # the run chosen on validation, and the comparison
+    return runs, models
+
+
+def add_coarse_label_scores(
+    runs: list[dict], test_loader, num_classes: int, short_side: int | None
+) -> None:
+    """Store in every row the coarse-label score of its prediction grid on the test split."""
+    for row in runs:
+        stride = prediction_stride(row["architecture"], row["output_stride"])
+        row["coarse_labels_miou"] = coarse_labels_miou(test_loader, stride, num_classes, short_side)
+
+
+# %% 7. Visualization
 # ===============================================================================================
 # Numbers say how good, pictures say where it fails: the confusion matrix shows which classes are
 # mistaken for which (and how much leaks into background), the per-class IoU compares the models
@@ -1852,7 +1978,7 @@ def save_figures(runs: list[dict], models: dict, loaders: dict, device, classes)
     plot_test_predictions(models, loaders["test"].dataset, device, OUTPUT_DIR / "predictions.png")
 
 
-# %% 7. Your own image: --predict
+# %% 8. Your own image: --predict
 # ===============================================================================================
 # The checkpoint stores the model's configuration (and, for photos, the size it works at and the
 # class names), so --predict rebuilds exactly the network that was trained, even if you edited
@@ -1920,118 +2046,10 @@ def predict_image(image_path: str) -> dict:
     return {"image": str(image_path), "mask": str(mask_path), "classes": fractions}
 
 
-# %% 8. Putting it together: train every run, choose on validation, test once
+# %% 9. Putting it together
 # ===============================================================================================
-# One experiment = one (decoder, encoder) pair: built and seeded (section 2), trained with the
-# best validation weights kept (section 5), then scored on the test split once, plain and with
-# multi-scale + flip (section 4). The run with the best *validation* mIoU becomes best_model.pt;
-# the test split only reports. main() at the end reads as the chapter's table of contents.
-
-
-def experiment_model(architecture, encoder, pretrained: bool, plan: dict, classes, device):
-    """Build one decoder x encoder pair on `device` (seeded), announce it; return (model, name)."""
-    seed_everything(SEED)  # every run starts from the same data order and seed
-    model = build_model(architecture, encoder, len(classes), pretrained, crop=plan["crop"])
-    model = model.to(device, memory_format=memory_format(device))
-    # --predict reads these back: the size the model works at, its test scales, the class names
-    model.config.update(
-        short_side=plan["short_side"],
-        eval_scales=tuple(plan["eval_scales"]),
-        class_names=tuple(classes),
-    )
-    name = f"{architecture}_{encoder}_{'pretrained' if model.pretrained_loaded else 'scratch'}"
-    rates, stride = model.config["aspp_rates"], model.config["output_stride"]
-    log(
-        f"\n== {name}: {count_parameters(model) / 1e6:.1f} M parameters, encoder output stride "
-        f"{stride}, logits at stride {prediction_stride(architecture, stride)}"
-        + (f", ASPP rates {rates}" if rates else "")
-    )
-    return model, name
-
-
-def score_on_test(model, loaders: dict, device, plan: dict, num_classes: int):
-    """The test split, scored once: (confusion matrix, single-scale and multi-scale metrics)."""
-    short_side, scales = plan["short_side"], plan["eval_scales"]
-    cm = evaluate(model, loaders["test"], device, num_classes, short_side=short_side)  # one scale
-    single = metrics_from_confusion(cm)
-    multi = metrics_from_confusion(
-        evaluate(model, loaders["test"], device, num_classes, scales, EVAL_FLIP, short_side)
-    )
-    return cm, single, multi
-
-
-def result_row(name, model, training: dict, cm, single: dict, multi: dict) -> dict:
-    """One run's line of metrics.json: what it is, how it trained, how it scored."""
-    rates = model.config["aspp_rates"]
-    return {
-        "model": name,
-        "architecture": model.config["architecture"],
-        "encoder": model.config["encoder"],
-        "pretrained": model.pretrained_loaded,
-        "params": count_parameters(model),
-        "output_stride": model.config["output_stride"],
-        "aspp_rates": list(rates) if rates else None,
-        "train_seconds": round(training["train_seconds"], 1),
-        "steps": training["history"][-1]["step"],
-        "epochs": len(training["history"]),  # validations (synthetic: passes over the data)
-        "best_val_miou": training["best_val_miou"],
-        "val_miou": training["best_val_miou"],  # the weights kept; what the best run is chosen on
-        "miou": single["miou"],  # test: reported, never used to choose
-        "pixel_accuracy": single["pixel_accuracy"],
-        "mean_class_accuracy": single["mean_class_accuracy"],
-        "miou_multiscale": multi["miou"],
-        "pixel_accuracy_multiscale": multi["pixel_accuracy"],
-        # NaN (class absent from truth and prediction) -> None: "-" in the report, null in JSON
-        "per_class_iou": [None if math.isnan(v) else v for v in single["per_class_iou"]],
-        "per_class_accuracy": [None if math.isnan(v) else v for v in single["per_class_accuracy"]],
-        "history": training["history"],
-        "confusion_matrix": cm.tolist(),
-    }
-
-
-def run_experiment(
-    architecture: str,
-    encoder: str,
-    pretrained: bool,
-    loaders: dict,
-    device,
-    plan: dict | None = None,
-    classes=None,
-) -> tuple[dict, nn.Module]:
-    """Build, train and test one decoder x encoder pair; return its result row and the model."""
-    plan = plan or training_plan(False, len(loaders["train"].dataset))
-    classes = classes or VOC_CLASSES
-    model, name = experiment_model(architecture, encoder, pretrained, plan, classes, device)
-    # the figures and --predict paint each class in the dataset's own colour (an export's labelmap)
-    model.config["class_colours"] = class_colours(loaders["train"].dataset, len(classes))
-    training = fit(model, name, loaders, device, plan, len(classes))
-    cm, single, multi = score_on_test(model, loaders, device, plan, len(classes))
-    log(
-        f"  val mIoU {training['best_val_miou']:.3f}; test mIoU {single['miou']:.3f} "
-        f"(multi-scale + flip {multi['miou']:.3f}), pixel acc {single['pixel_accuracy']:.3f}, "
-        f"trained {training['train_seconds']:.0f} s"
-    )
-    if is_main_process():
-        warn_if_collapsed(cm.sum(dim=0), training["best_val_miou"], classes)
-    return result_row(name, model, training, cm, single, multi), model
-
-
-def run_all_experiments(loaders: dict, device, plan: dict, classes) -> tuple[list, dict]:
-    """Every (decoder, encoder) pair of the plan, and each again from scratch when pretrained."""
-    runs, models = [], {}
-    for architecture, encoder in plan["runs"]:
-        row, model = run_experiment(
-            architecture, encoder, PRETRAINED, loaders, device, plan, classes
-        )
-        runs.append(row)
-        models[row["model"]] = model
-        if row["pretrained"] and COMPARE_SCRATCH:  # the same model from random weights: the gain
-            row, model = run_experiment(
-                architecture, encoder, False, loaders, device, plan, classes
-            )
-            runs.append(row)
-            models[row["model"]] = model
-    return runs, models
+# metrics.json and best_model.pt, the command line, and main() at the end: the chapter's table of
+# contents, one call per section, in order.
 
 
 def save_results(runs: list[dict], models: dict, source: dict, device, world: int, start: float):
@@ -2081,7 +2099,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """The chapter in one screen: data, every run (train, choose on val, test), outputs."""
     args = parse_args(argv)
-    if args.predict is not None:  # your own image (section 7); --quick --predict: the quick model
+    if args.predict is not None:  # your own image (section 8); --quick --predict: the quick model
         return predict_image(args.predict)
     start = time.time()
     rank, world = setup_distributed()  # one process, or one of torchrun's (appendix)
@@ -2092,20 +2110,19 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(SEED)
     log(f"device: {device}, processes: {world}")
 
-    # 1. Data: VOC, your own folders, and a synthetic stand-in -> source, plan, loaders
+    # 1. Data: VOC, your own folders, or the synthetic stand-in -> source, plan, loaders
     source, plan, loaders = prepare_data(rank, world)
     classes = source["classes"]
-    # 2. Model: pretrained encoder + DeepLabV3 / DeepLabV3+ / FPN decoder, for every pair of the
-    # plan: built (section 2), trained (section 5), tested once (section 4); see section 8
+    # 2. Model: pretrained (or random) encoder + decoder, built and seeded per experiment
+    # 3. Loss and metrics: the weighted cross-entropy it trains on, the confusion-matrix scores
+    # 4. Training: warm-up and fine-tuning, the best validation weights kept
+    # 5. Evaluation: the test split scored once, plain and with multi-scale + flip
+    # 6. Experiments: 2-5 for every (decoder, encoder) pair of the plan, then the comparison
     runs, models = run_all_experiments(loaders, device, plan, classes)
-    # 3. Loss and metrics: how coarse is each run's prediction grid? (the true labels through it)
-    add_coarse_label_scores(runs, loaders["test"], len(classes), plan["short_side"])
-    # 4. Evaluation and multi-scale inference: the run chosen on validation, the comparison
-    print_report(runs, classes)
-    # 6. Visualization: confusion matrix, per-class IoU, training curves, test predictions
+    # 7. Visualization: confusion matrix, per-class IoU, training curves, test predictions
     if is_main_process():
         save_figures(runs, models, loaders, device, classes)
-    # 8. Putting it together: best_model.pt and metrics.json
+    # 9. Putting it together: best_model.pt and metrics.json (8, --predict, is the branch above)
     metrics = save_results(runs, models, source, device, world, start)
     if dist.is_initialized():
         dist.destroy_process_group()
