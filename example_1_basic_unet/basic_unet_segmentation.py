@@ -93,7 +93,7 @@ BATCH_SIZE = 8  # small batches: more updates per epoch, which helps more than b
 LEARNING_RATE = 3e-3  # AdamW's step size at the start; cosine decay brings it to ~0 at the end
 PATIENCE = 5  # stop when validation foreground IoU has not improved for this many epochs
 # system
-SEED = 0  # same seed -> same data, same initial weights, same curves
+SEED = 0  # same seed -> same data, same initial weights, same curves (on a GPU: nearly)
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
 OUTPUT_DIR = HERE / "outputs"  # checkpoints, metrics.json, figures
 # -----------------------------------------------------------------------------------------------
@@ -247,8 +247,8 @@ def build_train_transform() -> v2.Compose:
                 # Gotcha: a Mask must be resampled with NEAREST: blending labels 0 and 1 would
                 # invent a class "0.5" (with several classes, a wrong class in between). v2 always
                 # uses NEAREST for a tv_tensors.Mask. For the image it is a choice: photos look
-                # better resampled bilinearly, but our test images have pixel-sharp edges, and
-                # training on blurred edges cost us IoU on them, so the image stays NEAREST too.
+                # better resampled bilinearly, but every image this model will see has
+                # pixel-sharp edges, so the image stays NEAREST too: train on what you test on.
                 [
                     v2.RandomAffine(
                         degrees=15,
@@ -267,11 +267,12 @@ def build_train_transform() -> v2.Compose:
 # photos use one mean and std for the whole dataset (ImageNet's, in Example 2). Here every image
 # has its own random colours, so we standardize each image by its own statistics, channel by
 # channel: the network then sees each pixel relative to the rest of its picture ("brighter and
-# redder than this image's background"), which is exactly the comparison it needs. In our runs
-# (8 epochs at 32 px) it lifted test IoU from 0.68 to 0.88. The same function must run on every
-# image the model ever sees: training, evaluation and --predict. We standardize *before* the
-# augmentation, so the corners that a rotation leaves empty are filled with 0 = the image's mean
-# colour (augmentation.png shows raw pixels, where that fill looks black).
+# redder than this image's background"), which is exactly the comparison it needs (to see it
+# matter, return the image unchanged here and compare the validation IoU). The same function
+# must run on every image the model ever sees: training, evaluation and --predict. We
+# standardize *before* the augmentation, so the corners that a rotation leaves empty are filled
+# with 0 = the image's mean colour (augmentation.png shows raw pixels, where that fill looks
+# black).
 
 
 def standardize(image: torch.Tensor) -> torch.Tensor:
@@ -530,14 +531,16 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
         if not torch.isfinite(loss):
             raise SystemExit(
                 f"error: the training loss became {loss.item()} at epoch {epoch}, batch {step}. "
-                f"Lower LEARNING_RATE (now {LEARNING_RATE}) and run again; the best checkpoint "
-                f"so far is kept in {OUTPUT_DIR}."
+                f"Lower LEARNING_RATE (now {LEARNING_RATE}) and run again; the best checkpoint of "
+                f"the epochs before (if one finished) is in {OUTPUT_DIR}."
             )
         optimizer.zero_grad(set_to_none=True)  # drop old gradients instead of filling with zeros
         scaler.scale(loss).backward()  # the scaler keeps float16 gradients from underflowing
         scaler.step(optimizer)  # no update where float16 gradients overflowed (inf or NaN)
         scaler.update()  # adapts the scale: smaller after an overflow, larger after good steps
-        scheduler.step()  # the learning rate follows its schedule batch by batch
+        # the learning rate follows its schedule batch by batch (on CUDA PyTorch may warn that
+        # it stepped before the optimizer: expected when the scaler skipped an overflowing step)
+        scheduler.step()
         total += loss.item() * len(images)
         count += len(images)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -547,7 +550,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
 @torch.inference_mode()  # no autograd bookkeeping: faster and lighter than no_grad for eval
 def evaluate(model, loader, loss_fn, device) -> tuple[float, torch.Tensor]:
     """Mean loss and confusion matrix over the whole loader."""
-    model.eval()  # Gotcha: forget this and BatchNorm normalizes with the batch, not learned stats
+    model.eval()  # Gotcha: forget it and BatchNorm uses this batch's statistics, not its averages
     confusion = torch.zeros(len(CLASS_NAMES), len(CLASS_NAMES), dtype=torch.long)
     total, count = 0.0, 0
     for images, masks in loader:
@@ -587,7 +590,7 @@ def validate_and_checkpoint(model, loader, loss_fn, device, epoch, best_iou, che
     """
     val_loss, confusion = evaluate(model, loader, loss_fn, device)
     val_iou = metrics_from_confusion(confusion)["foreground_iou"]
-    improved = val_iou > best_iou
+    improved = val_iou > best_iou  # a NaN IoU (nothing to score) never counts as the best
     if improved:
         state = dict(
             model_state=model.state_dict(),
@@ -668,9 +671,9 @@ def all_background_confusion(loader) -> torch.Tensor:
 
 
 def print_results(test: dict, baseline: dict) -> None:
-    """A small table: per-class IoU, foreground IoU and pixel accuracy, model vs all-background."""
-    rows = [(f"IoU {name}", "iou_per_class", name) for name in CLASS_NAMES]
-    rows += [("foreground IoU", "foreground_iou", None), ("pixel accuracy", "pixel_accuracy", None)]
+    """A small table: per-class IoU, mean IoU and pixel accuracy, model vs all-background."""
+    rows = [(f"IoU {name}", "iou_per_class", name) for name in CLASS_NAMES]  # object = foreground
+    rows += [("mean IoU", "mean_iou", None), ("pixel accuracy", "pixel_accuracy", None)]
     print(f"\n{'test split':<18}{'U-Net':>10}{'all background':>16}")
     for label, key, name in rows:
         ours = test[key][name] if name else test[key]
@@ -685,7 +688,10 @@ def evaluate_best_checkpoint(checkpoint_path: Path, loader, loss_fn, device) -> 
     "all_background_baseline" and "best_epoch".
     """
     if not checkpoint_path.is_file():
-        raise SystemExit("error: training stopped before the first epoch ended: nothing to test")
+        raise SystemExit(
+            "error: no checkpoint to test: training stopped before the first epoch ended, or "
+            "the validation foreground IoU was undefined (NaN: no foreground) in every epoch"
+        )
     model, checkpoint = load_model(checkpoint_path, device)
     test_loss, confusion = evaluate(model, loader, loss_fn, device)
     test = metrics_from_confusion(confusion)
@@ -818,7 +824,7 @@ def predict_image(image_path: Path, checkpoint_path: Path, device: torch.device)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Read --quick and --predict; --quick swaps in the QUICK settings for this run only."""
+    """Read --quick and --predict; --quick swaps in the QUICK settings for this process."""
     parser = argparse.ArgumentParser(description="U-Net from scratch on synthetic shapes.")
     parser.add_argument("--quick", action="store_true", help="tiny run in seconds (set-up check)")
     parser.add_argument("--predict", metavar="IMAGE", type=Path, help="segment your own image")
@@ -828,7 +834,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         argv = []
     args = parser.parse_args(argv)
     if args.quick:
-        # Replace the settings at the top for this run only, and keep its files in outputs/quick/
+        # Replace the settings at the top for this process (a notebook: restart the kernel after),
+        # and keep its files in outputs/quick/
         # so that a set-up check never overwrites the model of a real run.
         globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
     return args
@@ -862,7 +869,8 @@ def main(argv: list[str] | None = None) -> dict:
     # fastest: worth it here, where every batch has the same shape (no effect on a CPU).
     torch.backends.cudnn.benchmark = True
     checkpoint_path = OUTPUT_DIR / "best_model.pt"
-    if args.predict is not None:  # your own image (section 7); --quick: the quick run's model
+    if args.predict is not None:  # 7. your own image: a path of its own, no training; --quick:
+        # the quick run's model
         return {"overlay": str(predict_image(args.predict, checkpoint_path, device))}
 
     start = time.perf_counter()
@@ -875,7 +883,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. Data: synthetic shapes, and a figure of their paired augmentation
     loaders = build_loaders(SEED)
     print(", ".join(f"{split}: {len(loader.dataset)} images" for split, loader in loaders.items()))
-    plot_augmentation(loaders["train"].dataset, OUTPUT_DIR / "augmentation.png")
+    if AUGMENT:  # what training sees (AUGMENT = False: no figure, nothing is augmented)
+        plot_augmentation(loaders["train"].dataset, OUTPUT_DIR / "augmentation.png")
     # 2. Model: a U-Net, built from the settings at the top
     model = UNet(**model_config()).to(device, memory_format=memory_format(device))
     print(

@@ -2090,7 +2090,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         argv = []
     args = parser.parse_args(argv)
     if args.quick:
-        # Replace the constants above for this run only, and keep its files in outputs/quick/
+        # Replace the constants above for this process (a notebook: restart the kernel after),
+        # and keep its files in outputs/quick/
         # so that a set-up check never overwrites the model or metrics of a real run.
         globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
     return args

@@ -926,7 +926,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
 @torch.inference_mode()
 def predict_probabilities(model, inputs: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
     """Softmax probabilities for a stack of slices: (D, C_in, S, S) -> (K, D, S, S)."""
-    model.eval()  # Gotcha: forget this and BatchNorm normalizes with the batch, not learned stats
+    model.eval()  # Gotcha: forget it and BatchNorm uses this batch's statistics, not its averages
     outputs = []
     for start in range(0, len(inputs), batch_size):
         batch = torch.from_numpy(inputs[start : start + batch_size]).to(device)
@@ -2233,7 +2233,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         argv = []
     args = parser.parse_args(argv)
     if args.quick:
-        # Replace the settings at the top for this run only, and keep its files in outputs/quick/
+        # Replace the settings at the top for this process (a notebook: restart the kernel after),
+        # and keep its files in outputs/quick/
         # so that a set-up check never overwrites the model or metrics of a real run.
         globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
     if args.data_dir is not None:

@@ -2306,7 +2306,8 @@ def set_up(args: argparse.Namespace) -> torch.device:
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)
     if args.quick:
-        # Replace the constants above for this run only, and keep its files in outputs/quick/
+        # Replace the constants above for this process (a notebook: restart the kernel after),
+        # and keep its files in outputs/quick/
         # so that a set-up check never overwrites the model or metrics of a real run.
         globals().update(QUICK, OUTPUT_DIR=OUTPUT_DIR / "quick")
     return device
