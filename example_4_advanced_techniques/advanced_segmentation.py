@@ -150,7 +150,7 @@ TRAIN_SCALES = (0.75, 1.0, 1.25, 1.5)  # multi-scale training: one random scale 
 LOSS_WEIGHTS = dict(ohem=1.0, boundary_ce=0.5, dice=0.5, lovasz=0.5, focal=0.0)  # mixed loss
 # inference and post-processing
 TTA_SCALES = (0.75, 1.0, 1.25)  # multi-scale inference; with flips and 4 rotations: 24 passes
-CRF_ITERATIONS = 5  # mean-field iterations (pydensecrf's default)
+CRF_ITERATIONS = 5  # mean-field iterations (pydensecrf's README example; DeepLab used 10)
 # system
 SEED = 0  # same seed -> same data, same initial weights, same numbers
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
@@ -166,10 +166,10 @@ FOCAL_GAMMA = 2.0  # focal loss: 0 gives cross-entropy, 2 is the paper's default
 OHEM_THRESHOLD = 0.7  # OHEM keeps pixels whose true-class probability is below this ...
 OHEM_MIN_KEPT = 4096  # ... but never fewer than this many pixels per batch
 UNET_W0, UNET_SIGMA = 10.0, 5.0  # U-Net weight map: w0 * exp(-(d1 + d2)^2 / (2 sigma^2))
-# the reference implementation's defaults (pydensecrf); used by the speed benchmark
+# the reference implementation's example values (pydensecrf's README); the speed benchmark's
 CRF_PARAMS = dict(smooth_sxy=3.0, smooth_weight=3.0, app_sxy=80.0, app_srgb=13.0, app_weight=10.0)
 CRF_CANDIDATES = (  # tried on the validation split; the best is used on the test split
-    dict(CRF_PARAMS),  # the defaults, made for 500 x 375 photographs
+    dict(CRF_PARAMS),  # pydensecrf's example values, made for 500 x 375 photographs
     dict(
         smooth_sxy=1.0, smooth_weight=3.0, app_sxy=67.0, app_srgb=3.0, app_weight=4.0
     ),  # DeepLab's VOC
@@ -320,9 +320,10 @@ def draw_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
 def unet_weight_map(labels: np.ndarray, class_weights: np.ndarray) -> np.ndarray:
     """U-Net weight map (H, W) float32: w_c(class) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)).
 
-    d1, d2 are the distances to the nearest and second-nearest object (connected component of a
-    non-background class). The exponential term is large on background squeezed between two
-    objects, so the loss insists on separating touching objects; w_c balances class frequencies.
+    d1, d2 are the distances to the nearest and second-nearest object, an object being a
+    connected component of non-background pixels (touching objects of two classes count as one).
+    The exponential term is large on background squeezed between two objects, so the loss
+    insists on keeping them apart; w_c balances class frequencies.
     """
     weights = class_weights[labels].astype(np.float32)  # (H, W)
     objects, count = ndimage.label(labels > 0)  # each connected object gets its own id
@@ -475,10 +476,10 @@ def gridding_report() -> dict:
 # %% 3. Model: a small DeepLab-style network with optional attention
 # ===============================================================================================
 # Two stride-2 stages bring the features to 1/4 of the input (output stride 4). Instead of more
-# strides, three residual 3x3 blocks with dilations DILATIONS grow the receptive field to cover
-# the whole 64 px image while staying at 1/4 resolution. A light decoder upsamples to 1/2,
-# concatenates the 1/2-resolution stem features (they remember where the thin wires are),
-# classifies every pixel and upsamples the logits to the input size.
+# strides, three residual 3x3 blocks with dilations DILATIONS grow the receptive field past the
+# 64 px image's width (a central pixel sees all of it) while staying at 1/4 resolution. A light
+# decoder upsamples to 1/2, concatenates the 1/2-resolution stem features (they remember where
+# the thin wires are), classifies every pixel and upsamples the logits to the input size.
 #
 #   image -> stem (/2) ------------------------------------------------+
 #              |                                                        concat -> fuse -> 1x1
@@ -1048,15 +1049,17 @@ def score_labels(preds: torch.Tensor, masks: torch.Tensor) -> dict:
 # ===============================================================================================
 # Every batch gets one random quarter turn and flip (the scenes have no "up"), the same for
 # image, mask and weight map. With multi-scale training the batch is also resized by a random
-# factor from TRAIN_SCALES: the network sees pebbles at 1.5 px and at 3 px radius, which is what
-# makes multi-scale *inference* (section 6) meaningful. One scale per batch keeps the tensors
+# factor from TRAIN_SCALES: the network sees pebbles at 1.5 px and at 3 px radius, the
+# situation multi-scale *inference* (section 6) is made for (there it runs on the row validation
+# prefers, which may have trained at one scale). One scale per batch keeps the tensors
 # rectangular.
 # Gotcha: images are resized bilinearly, masks (and the weight map) with nearest-neighbour:
 # interpolating labels 2 and 4 would invent label 3. And use mode="nearest-exact", not PyTorch's
 # legacy "nearest", which shifts the mask by up to half a pixel against the image (rescale_batch).
 #
 # The loop itself is the one from Example 1: validation mIoU every epoch, the best weights saved
-# atomically, early stopping, Ctrl-C keeps the best checkpoint, a NaN loss stops with a message.
+# atomically, early stopping, a NaN loss stops with a message; Ctrl-C stops the run, keeping the
+# checkpoints written so far (a row that did not finish never enters the table).
 #
 # The ablation. The default run trains the four rows marked default=True below, each adding one
 # idea to the one before (same data, same seed, same epochs, each row from the same initial
@@ -1203,11 +1206,15 @@ def fit(
             )
             if epoch == 1:  # this row's time left, if it does not stop early
                 print_eta(time.perf_counter() - start, 1, EPOCHS)
+                print("  (for this row; the other rows and the inference steps come after)")
             if stale >= PATIENCE:
                 print(f"  early stopping: no improvement for {PATIENCE} epochs")
                 break
-    except KeyboardInterrupt:
-        print("\ninterrupted: training stopped, the best checkpoint so far is kept")
+    except KeyboardInterrupt:  # stop the whole run: a half-trained row must not join the table
+        raise SystemExit(
+            f"\ninterrupted during {row['name']!r}: stopped; the checkpoints of the rows trained "
+            f"so far (and this row's best) are in {path.parent}"
+        ) from None
     if not path.is_file():
         raise SystemExit(
             "error: training stopped before the first epoch ended; nothing to evaluate"
@@ -1310,10 +1317,13 @@ def tta_predict(
     total, count = 0.0, 0
     for scale in scales:
         size = (max(8, round(height * scale)), max(8, round(width * scale)))  # round, not int()
+        # antialias when shrinking: bilinear alone samples the 3 px tile stripes (aliasing)
         scaled = (
             images
             if size == (height, width)
-            else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            else F.interpolate(
+                images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1
+            )
         )
         for k, flip in tta_transforms(flips, rot90):
             logits = model(apply_transform(scaled, k, flip))
@@ -1468,10 +1478,17 @@ def morphological_cleanup(labels: np.ndarray, rules: dict | None = None) -> np.n
     out = labels.copy()
     for c, rule in rules.items():
         region = out == c
+        # Gotcha: ndimage.binary_opening / binary_closing erode with border_value=0, as if the
+        # world outside the image were "not this class": a field that touches the image edge
+        # would lose its edge pixels. Outside is unknown, so erode with border_value=1.
         if rule.get("open", 0):
-            region = ndimage.binary_opening(region, structure=disk(rule["open"]))
+            shape = disk(rule["open"])
+            region = ndimage.binary_erosion(region, structure=shape, border_value=1)
+            region = ndimage.binary_dilation(region, structure=shape)
         if rule.get("close", 0):
-            region = ndimage.binary_closing(region, structure=disk(rule["close"]))
+            shape = disk(rule["close"])
+            region = ndimage.binary_dilation(region, structure=shape)
+            region = ndimage.binary_erosion(region, structure=shape, border_value=1)
         if rule.get("fill_holes", False):
             region = ndimage.binary_fill_holes(region)
         if rule.get("min_size", 0):
@@ -1683,6 +1700,12 @@ def saved_activation_bytes(
     return sum(size for ptr, size in seen.items() if ptr not in params)  # activations, not weights
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU to finish its queued work (a no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step_seconds(
     model: DilatedAttentionNet, images: torch.Tensor, masks: torch.Tensor, repeats: int = 3
 ) -> float:
@@ -1690,8 +1713,10 @@ def step_seconds(
     model.train()
     times = []
     for _ in range(repeats):
+        synchronize(images.device)  # Gotcha: CUDA runs asynchronously; time finished work only
         start = time.perf_counter()
         F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX).backward()
+        synchronize(images.device)
         times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     return float(np.median(times))
@@ -2010,7 +2035,8 @@ def plot_attention(model: DilatedAttentionNet, image: torch.Tensor, path: Path) 
         hook.remove()  # hooks stay until removed: do not leave them on a model you keep using
     attention = model.position.attention_map(captured["position_input"])[0]  # (hw, hw)
     h, w = captured["position_input"].shape[-2:]
-    # two query positions: the feature cell with the most "field" and one on a wire if there is one
+    # two query positions: a cell in the middle (raster order) of the field cells, then of the
+    # wire cells (or background) if there are any
     small = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest-exact")
     small = small[0, 0].long()  # (h, w)
     queries = []
@@ -2080,15 +2106,19 @@ def draw_figures(models, best, inference, crf_maps, data, receptive, rows) -> No
          "+ kept inference steps"],  # fmt: skip
         OUTPUT_DIR / "predictions.png",
     )
-    plot_attention(models[1][0].cpu(), test["images"][0], OUTPUT_DIR / "attention_maps.png")
+    with_attention = [i for i, r in enumerate(TRAINING_ROWS) if r["cbam"] and r["position"]]
+    if with_attention:  # the first row with both attention modules (row 2 by default)
+        model = models[with_attention[0]][0].cpu()
+        plot_attention(model, test["images"][0], OUTPUT_DIR / "attention_maps.png")
     plot_ablation(rows, OUTPUT_DIR / "ablation.png")
 
 
 # %% 9. Your own image: --predict
 # ===============================================================================================
-# The pipeline the ablation kept, on one picture: resize it to the training size (objects should
-# look as big as in training), (TTA) probabilities, back to the picture's size with size=, then
-# the dense CRF at full resolution and per-class morphology if validation kept them.
+# The pipeline the ablation kept, on one picture: resize it to the training size (square, as the
+# training scenes: a non-square picture is squeezed), (TTA) probabilities, then the dense CRF and
+# per-class morphology if validation kept them, at that size: their parameters (sxy, min_size)
+# are in training pixels. The labels come back to the picture's size with nearest neighbour.
 
 
 def save_for_predict(state: dict, pipeline: dict, row_name: str) -> None:
@@ -2122,15 +2152,17 @@ def predict_image(image_path: Path, device: torch.device) -> Path:
         scales=pipeline["scales"],
         flips=pipeline["flips"],
         rot90=pipeline["rot90"],
-    )
-    probs = F.interpolate(
-        probs.cpu(), size=pixels.shape[-2:], mode="bilinear", align_corners=False
-    )[0]  # (C, H, W)
+    )[0].cpu()  # (C, S, S) at the training size
     if pipeline["crf_params"] is not None:
-        probs = dense_crf(probs, pixels, pipeline["crf_params"])
-    labels = probs.argmax(0).numpy()
+        probs = dense_crf(probs, small[0].clamp(0, 1), pipeline["crf_params"])
+    labels = probs.argmax(0).numpy()  # (S, S)
     if pipeline["morphology"]:
         labels = morphological_cleanup(labels)
+    # Gotcha: labels are resized with nearest neighbour, never interpolated (nearest-exact: no
+    # half-pixel shift)
+    labels = F.interpolate(
+        torch.from_numpy(labels)[None, None].float(), size=pixels.shape[-2:], mode="nearest-exact"
+    )[0, 0].long().numpy()  # (S, S) -> (H, W)
     out_path = OUTPUT_DIR / f"{image_path.stem}_segmentation.png"
     side_by_side = np.concatenate([photo, colorize(labels).astype(np.float32)], axis=1)
     Image.fromarray((side_by_side * 255).round().astype(np.uint8)).save(out_path)
@@ -2701,7 +2733,7 @@ def benchmark_crf(seed: int) -> dict:
         cached_seconds=float(min(times[1:])),
         reference_seconds=0.3,
         appearance_lattice_build_seconds=build,
-        size=f"{w}x{h}, 21 labels, 5 iterations, pydensecrf default parameters",
+        size=f"{w}x{h}, 21 labels, 5 iterations, pydensecrf's example parameters",
     )
 
 

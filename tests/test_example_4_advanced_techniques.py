@@ -484,6 +484,16 @@ def test_morphology_grows_only_into_background(mod):
     assert cleaned[13, 13] == 1
 
 
+def test_morphology_leaves_a_region_on_the_image_edge_whole(mod):
+    labels = np.zeros((20, 20), dtype=np.int64)
+    labels[:, :8] = 1  # a field that fills the left edge (and the top and bottom rows)
+    labels[5, 3] = 0  # with a 1-px hole
+    cleaned = mod.morphological_cleanup(labels, {1: dict(open=1, close=1)})
+    expected = labels.copy()
+    expected[5, 3] = 1  # the closing fills the hole ...
+    assert np.array_equal(cleaned, expected)  # ... and the edge pixels stay (border_value=1)
+
+
 def test_morphology_opening_removes_a_spur_for_good(mod):
     """Pixels the opening takes from class 1 go to other classes, never back to class 1."""
     labels = np.zeros((20, 24), dtype=np.int64)
@@ -872,6 +882,14 @@ def test_main_quick_end_to_end_writes_only_under_tmp_path(mod, isolated, tmp_pat
     result = mod.main(["--predict", str(tmp_path / "photo.png")])
     assert Path(result["segmentation"]).is_file()
     assert Image.open(result["segmentation"]).size == (100, 40)  # photo and labels side by side
+    state = torch.load(out / "model.pt", weights_only=True)  # CRF and morphology on, as if kept
+    state["pipeline"].update(crf_params=dict(mod.CRF_PARAMS), morphology=True)
+    torch.save(state, out / "model.pt")
+    big = (np.random.default_rng(1).random((600, 1000, 3)) * 255).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.png")  # CRF and morphology run at training size
+    assert Image.open(mod.main(["--predict", str(tmp_path / "big.png")])["segmentation"]).size == (
+        2000, 600
+    )
     with pytest.raises(SystemExit, match="error: no such image file"):
         mod.main(["--predict", str(tmp_path / "missing.png")])
     (tmp_path / "notes.png").write_text("not an image")
