@@ -26,7 +26,7 @@ How to run
 ----------
 From this folder (``example_3_medical_segmentation/``)::
 
-    python medical_segmentation.py                 # full run, about 1.5 minutes on a 2-core CPU
+    python medical_segmentation.py                 # full run, 1-1.5 minutes on a 2-core CPU
     python medical_segmentation.py --quick         # tiny set-up check in seconds (outputs/quick/)
     python medical_segmentation.py --predict outputs/example_slice.png   # segment an image
     python medical_segmentation.py --data-dir ~/data/chase_db1   # your photos (see README.md)
@@ -43,37 +43,37 @@ folders that hold them; masks stored as 0/255 or as class indices; optional ``fo
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 85 s in total and printed (abridged; the full
+On a 2-core CPU (no GPU) the default run took 70 s in total and printed (abridged; the full
 output is in README.md)::
 
     model: U-Net, 3 input channels, depth 3, base width 12: 271,935 parameters
     leakage check, lesion Dice of a copy-the-nearest-training-slice 'model':
       slice-level split 0.823 vs patient-level split 0.295
-    loss comparison after 2 epochs, validation lesion Dice: weighted_ce 0.513, dice_ce 0.000
-    best epoch 6; lesion threshold 0.5 chosen on validation (val Dice 0.924)
+    loss comparison after 2 epochs, validation lesion Dice: weighted_ce 0.791, dice_ce 0.000
+    best epoch 6; lesion threshold 0.5 chosen on validation (val Dice 0.930)
     test, in-domain (6 patients): mean +- std [Student-t 95% CI]
-      dice         organ 0.973 +- 0.008 [0.964, 0.981] | lesion 0.936 +- 0.021 [0.914, 0.958]
-      sensitivity  organ 0.982 +- 0.012 [0.969, 0.994] | lesion 0.905 +- 0.041 [0.861, 0.949]
-      specificity  organ 0.996 +- 0.001 [0.996, 0.997] | lesion 1.000 +- 0.000 [width < 0.001]
+      dice         organ 0.975 +- 0.009 [0.966, 0.984] | lesion 0.945 +- 0.022 [0.922, 0.969]
+      sensitivity  organ 0.980 +- 0.012 [0.968, 0.993] | lesion 0.923 +- 0.042 [0.879, 0.966]
+      specificity  organ 0.997 +- 0.001 [0.996, 0.998] | lesion 1.000 +- 0.000 [width < 0.001]
       lesions found 13/13 (lesion-wise sensitivity 1.00), false-positive lesions 0
     test, out-of-domain scanner D (6 patients): mean +- std [Student-t 95% CI]
-      dice         organ 0.907 +- 0.016 [0.891, 0.924] | lesion 0.744 +- 0.100 [0.638, 0.849]
-      lesions found 14/14 (lesion-wise sensitivity 1.00), false-positive lesions 18
-    test Dice organ 0.973 | lesion 0.936 | total 85 s | outputs in .../outputs
+      dice         organ 0.856 +- 0.011 [0.844, 0.868] | lesion 0.694 +- 0.088 [0.601, 0.786]
+      lesions found 14/14 (lesion-wise sensitivity 1.00), false-positive lesions 24
+    test Dice organ 0.975 | lesion 0.945 | total 70 s | outputs in .../outputs
 
 With --data-dir on CHASE_DB1 (retinal vessels: 20 training photos of 999 x 960, 16 train + 4
-validation, 8 test, field-of-view masks) the same CPU took 391 s and printed (abridged)::
+validation, 8 test, field-of-view masks) the same CPU took 367 s and printed (abridged)::
 
-    step   250/1500 | train loss 1.0250 | val Dice vessel 0.641 (best) | 60 s
+    step   250/1500 | train loss 1.0323 | val Dice vessel 0.690 (best) | 56 s
     estimated time to the end of training: about 5 min
-    step  1500/1500 | train loss 0.3509 | val Dice vessel 0.816 (best) | 352 s
+    step  1500/1500 | train loss 0.3560 | val Dice vessel 0.814 (best) | 334 s
     test (8 images): mean +- std [Student-t 95% CI]
-      dice         vessel 0.796 +- 0.018 [0.781, 0.811]
-      sensitivity  vessel 0.833 +- 0.042 [0.798, 0.869]
-      specificity  vessel 0.974 +- 0.004 [0.971, 0.978]
-      auc          vessel 0.982 +- 0.004 [0.978, 0.986]
-      pooled over all test pixels: Dice vessel 0.796
-    test Dice vessel 0.796 (pooled 0.796) | total 391 s | outputs in .../outputs
+      dice         vessel 0.794 +- 0.019 [0.778, 0.810]
+      sensitivity  vessel 0.834 +- 0.046 [0.795, 0.873]
+      specificity  vessel 0.974 +- 0.005 [0.970, 0.978]
+      auc          vessel 0.982 +- 0.004 [0.978, 0.985]
+      pooled over all test pixels: Dice vessel 0.795
+    test Dice vessel 0.794 (pooled 0.795) | total 367 s | outputs in .../outputs
 
 References
 ----------
