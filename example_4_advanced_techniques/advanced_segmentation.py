@@ -32,7 +32,7 @@ How to run
 From this folder (``example_4_advanced_techniques/``)::
 
     python advanced_segmentation.py               # the ablation, one seed: 2.5-3 minutes
-    python advanced_segmentation.py --seeds 0 1 2  # every row, three seeds: about 18 minutes
+    python advanced_segmentation.py --seeds 0 1 2  # every row, three seeds: 18-23 minutes
     python advanced_segmentation.py --quick       # tiny set-up check (about 30 s): outputs/quick/
     python advanced_segmentation.py --predict my_image.png   # segment your own image (after a run)
 
@@ -66,8 +66,8 @@ printed (long lines cut here)::
     gradient checkpointing: saved activations 55.0 -> 37.8 MB (31% less), ...
 
 The final pipeline (the mixed-loss row, flips and rotations, the tuned dense CRF) scores test
-mIoU 0.825. ``--seeds 0 1 2`` repeats every row with three seeds (18 min on one thread): the
-final pipeline scores 0.835 +- 0.007; the losses that weigh classes (+24 to +29 mIoU over
+mIoU 0.825. ``--seeds 0 1 2`` repeats every row with three seeds (23 min on one thread): the
+final pipeline scores 0.834 +- 0.006; the losses that weigh classes (+24 to +29 mIoU over
 cross-entropy), attention (+4 to +5, mostly CBAM's doing), flips and rotations at test time and
 the tuned CRF help in every seed, while multi-scale training, multi-scale inference and
 morphology hurt in every seed. README.md has the table and the reasons.
