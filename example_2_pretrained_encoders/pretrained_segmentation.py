@@ -2116,7 +2116,7 @@ def main(argv: list[str] | None = None) -> dict:
     source, plan, loaders = prepare_data(rank, world)
     classes = source["classes"]
     # 2. Model: pretrained (or random) encoder + decoder, built and seeded per experiment
-    # 3. Loss and metrics: the weighted cross-entropy it trains on, the confusion-matrix scores
+    # 3. Loss and metrics: cross-entropy (class-weighted on photos), confusion-matrix scores
     # 4. Training: warm-up and fine-tuning, the best validation weights kept
     # 5. Evaluation: the test split scored once, plain and with multi-scale + flip
     # 6. Experiments: 2-5 for every (decoder, encoder) pair of the plan, then the comparison
