@@ -928,6 +928,8 @@ def prepare_data(rank: int, world: int) -> tuple[dict, dict, dict]:
     datasets, source = load_datasets()
     classes, real = source["classes"], source["real"]
     plan = training_plan(real, len(datasets["train"]), world)
+    # each class's colour in figures and --predict's masks: the data's own (an export's labelmap)
+    plan["class_colours"] = class_colours(datasets["train"], len(classes))
     if real and CLASS_WEIGHTING == "sqrt":
         plan["class_weights"] = class_weights(datasets["train"], len(classes))
         weights = ", ".join(f"{name} {w:.2f}" for name, w in zip(classes, plan["class_weights"]))
@@ -1745,10 +1747,12 @@ def experiment_model(architecture, encoder, pretrained: bool, plan: dict, classe
     model = build_model(architecture, encoder, len(classes), pretrained, crop=plan["crop"])
     model = model.to(device, memory_format=memory_format(device))
     # --predict reads these back: the size the model works at, its test scales, the class names
+    # and their colours (the figures use them too)
     model.config.update(
         short_side=plan["short_side"],
         eval_scales=tuple(plan["eval_scales"]),
         class_names=tuple(classes),
+        class_colours=plan.get("class_colours"),
     )
     name = f"{architecture}_{encoder}_{'pretrained' if model.pretrained_loaded else 'scratch'}"
     rates, stride = model.config["aspp_rates"], model.config["output_stride"]
@@ -1802,8 +1806,6 @@ def run_experiment(
     plan = plan or training_plan(False, len(loaders["train"].dataset))
     classes = classes or VOC_CLASSES
     model, name = experiment_model(architecture, encoder, pretrained, plan, classes, device)
-    # the figures and --predict paint each class in the dataset's own colour (an export's labelmap)
-    model.config["class_colours"] = class_colours(loaders["train"].dataset, len(classes))
     training = fit(model, name, loaders, device, plan, len(classes))
     cm, single, multi = score_on_test(model, loaders, device, plan, len(classes))
     log(

@@ -1074,9 +1074,10 @@ def train_and_compare(data: dict, device, checkpoint_path: Path) -> dict:
     print(f"main run: {LOSS}, up to {EPOCHS} epochs (the time estimate is for it){then}")
     model, history, interrupted = fit(LOSS, data, EPOCHS, device, checkpoint_path)
     histories, comparison = {f"{LOSS} (main run)": history}, {}
-    if interrupted:  # Ctrl-C means "stop training": on to the evaluation, no comparison runs
-        print("loss comparison skipped (interrupted)")
-    for loss_name in COMPARE_LOSSES if not interrupted else ():
+    for loss_name in COMPARE_LOSSES:
+        if interrupted:  # Ctrl-C means "stop training": on to the evaluation
+            print("loss comparison skipped (interrupted)")
+            break
         if loss_name == LOSS:  # the main run has already been through these epochs
             arm = history[:COMPARE_EPOCHS]
         else:
@@ -1085,9 +1086,6 @@ def train_and_compare(data: dict, device, checkpoint_path: Path) -> dict:
             )
             _, arm, interrupted = fit(loss_name, data, EPOCHS, device, stop_after=COMPARE_EPOCHS)
             histories[loss_name] = arm
-            if interrupted:  # keep what ran, skip the remaining losses
-                comparison[loss_name] = dict(val_dice=arm[-1]["val_dice"], epochs=len(arm))
-                break
         comparison[loss_name] = dict(val_dice=arm[-1]["val_dice"], epochs=len(arm))
     if comparison:
         print(
@@ -1743,17 +1741,21 @@ class Photo:
     width: int
 
 
+def pad_to_patch(array: np.ndarray, fill=0) -> np.ndarray:
+    """Pad the last two axes (H, W) at the bottom and right with `fill` up to PATCH_SIZE."""
+    height, width = array.shape[-2:]
+    pad = [(0, 0)] * (array.ndim - 2) + [(0, max(0, PATCH_SIZE - height))]
+    return np.pad(array, pad + [(0, max(0, PATCH_SIZE - width))], constant_values=fill)
+
+
 def prepare_photo(case: Case) -> Photo:
     """Normalize a photo Case and pad it (image 0, label ignored) up to at least PATCH_SIZE."""
     image = normalize_photo(case.image)[:, 0]  # (C, 1, H, W) -> (C, H, W)
     fov = case.fov[0] if case.fov is not None else np.ones(case.mask.shape[1:], dtype=bool)
     labels = np.where(fov, case.mask[0], IGNORE_INDEX)  # (H, W)
     height, width = labels.shape
-    pad_h, pad_w = max(0, PATCH_SIZE - height), max(0, PATCH_SIZE - width)
-    if pad_h or pad_w:  # a photo smaller than a patch: pad it, the padding is ignored
-        image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)))
-        labels = np.pad(labels, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
-        fov = np.pad(fov, ((0, pad_h), (0, pad_w)))
+    # a photo smaller than a patch is padded; the padding is ignored (label 255, outside the FOV)
+    image, labels, fov = pad_to_patch(image), pad_to_patch(labels, IGNORE_INDEX), pad_to_patch(fov)
     return Photo(case.case_id, image, labels, fov, height, width)
 
 
@@ -2187,8 +2189,7 @@ def predict_image(image_path: Path, checkpoint_path: Path, device: torch.device)
         rgb = read_image(image_path, "RGB").astype(np.float32) / 255.0  # (H, W, 3)
         pixels = normalize_photo(rgb.transpose(2, 0, 1)[:, None])[:, 0]  # (3, H, W)
         height, width = rgb.shape[:2]  # a photo smaller than a patch is padded, as in training
-        pad = ((0, 0), (0, max(0, PATCH_SIZE - height)), (0, max(0, PATCH_SIZE - width)))
-        probs = sliding_window_probabilities(model, np.pad(pixels, pad), device)
+        probs = sliding_window_probabilities(model, pad_to_patch(pixels), device)
         probs = probs[:, :height, :width]  # (K, H, W): the padding cut off again
     else:
         inputs, rgb = image_inputs(image_path, config)

@@ -1191,6 +1191,7 @@ def fit(
     loader = train_loader(data["train"], seed)
     trainer = make_optimizer(model, device, EPOCHS * len(loader))
     augment = np.random.default_rng(seed)  # quarter turns, flips and scales, reproducible
+    path.unlink(missing_ok=True)  # an earlier run's checkpoint must not pass for this row's
     history, best, stale, start = [], -1.0, 0, time.perf_counter()
     try:
         for epoch in range(1, EPOCHS + 1):
@@ -1215,9 +1216,10 @@ def fit(
             f"\ninterrupted during {row['name']!r}: stopped; the checkpoints of the rows trained "
             f"so far (and this row's best) are in {path.parent}"
         ) from None
-    if not path.is_file():
+    if not path.is_file():  # Ctrl-C exits above: here no epoch ever scored (a NaN mIoU)
         raise SystemExit(
-            "error: training stopped before the first epoch ended; nothing to evaluate"
+            "error: no epoch saved a checkpoint (validation mIoU undefined in every epoch); "
+            "nothing to evaluate"
         )
     return history
 
@@ -2154,7 +2156,7 @@ def predict_image(image_path: Path, device: torch.device) -> Path:
         rot90=pipeline["rot90"],
     )[0].cpu()  # (C, S, S) at the training size
     if pipeline["crf_params"] is not None:
-        probs = dense_crf(probs, small[0].clamp(0, 1), pipeline["crf_params"])
+        probs = dense_crf(probs, small[0], pipeline["crf_params"])
     labels = probs.argmax(0).numpy()  # (S, S)
     if pipeline["morphology"]:
         labels = morphological_cleanup(labels)
