@@ -53,6 +53,7 @@ import json
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -190,6 +191,12 @@ def generate_sample(seed: int, index: int, size: int) -> tuple[np.ndarray, np.nd
             color = random_color(rng)
             if np.linalg.norm(background_colors - color, axis=1).min() >= MIN_CONTRAST:
                 break
+        else:  # no colour was far enough: say so instead of drawing a faint shape silently
+            warnings.warn(
+                f"MIN_CONTRAST = {MIN_CONTRAST} not met in 1000 colours: some shapes blend into "
+                "their background (lower it)",
+                stacklevel=2,
+            )
         image[inside] = color  # later shapes cover earlier ones; the mask is their union
         mask |= inside
     image = image + rng.normal(0.0, rng.uniform(*NOISE_STD), size=image.shape)

@@ -139,7 +139,7 @@ LEARNING_RATE = 3e-3  # AdamW peak step size; one-cycle warm-up then cosine deca
 LESION_OVERSAMPLE = 3.0  # a slice with lesion is drawn this many times more often (1 = off)
 # your own 2D photos (--data-dir): native resolution, random patches in, sliding windows out
 PATCH_SIZE = 96  # training patch side in pixels, cut at native resolution (nothing is resized)
-PHOTO_STEPS = 1500  # optimizer steps: 20 images train as long as 2,000 (not counted in epochs)
+PHOTO_STEPS = 2000  # optimizer steps: 20 images train as long as 2,000 (not counted in epochs)
 # system
 SEED = 0  # same seed -> same cohort, same split, same initial weights
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
@@ -1014,7 +1014,8 @@ def fit(
     loss_name: str, data: dict, epochs: int, device, checkpoint_path=None, stop_after=None
 ) -> tuple:
     """Train a fresh U-Net with loss `loss_name`; returns (model with the best weights, history,
-    interrupted: True when Ctrl-C stopped it).
+    interrupted: True when Ctrl-C stopped it). A comparison run (stop_after) uses only its history,
+    so without best weights (Ctrl-C in its first epoch) it returns None as its model.
 
     `data` holds the prepared train / val cases, class names and class weights. With a
     checkpoint_path the best weights are also saved there (with what --predict needs). With
@@ -1055,6 +1056,8 @@ def fit(
         print("\ninterrupted: training stopped, continuing with the best weights so far")
         interrupted = True
     if best.state is None:
+        if stop_after is not None:  # a comparison run stopped early: the main run still stands
+            return None, history, interrupted
         raise SystemExit(
             "error: training stopped before the first epoch ended; nothing to evaluate"
         )
@@ -1085,6 +1088,9 @@ def train_and_compare(data: dict, device, checkpoint_path: Path) -> dict:
                 f"comparison run: {loss_name}, first {COMPARE_EPOCHS} epochs of the same schedule"
             )
             _, arm, interrupted = fit(loss_name, data, EPOCHS, device, stop_after=COMPARE_EPOCHS)
+            if not arm:  # Ctrl-C before its first epoch ended: nothing to compare
+                print("loss comparison stopped (interrupted)")
+                break
             histories[loss_name] = arm
         comparison[loss_name] = dict(val_dice=arm[-1]["val_dice"], epochs=len(arm))
     if comparison:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -79,6 +80,15 @@ def test_generator_depends_on_seed_and_index():
     other_index, _ = ex1.generate_sample(0, 4, 48)
     assert not np.allclose(image, other_seed)
     assert not np.allclose(image, other_index)
+
+
+def test_an_impossible_min_contrast_warns_instead_of_drawing_faint_shapes_silently(monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default contrast is always met: no warning
+        ex1.generate_sample(0, 3, 48)
+    monkeypatch.setattr(ex1, "MIN_CONTRAST", 2.0)  # farther than any two RGB colours can be
+    with pytest.warns(UserWarning, match="MIN_CONTRAST = 2.0 not met"):
+        ex1.generate_sample(0, 3, 48)
 
 
 def test_split_is_70_15_15_and_disjoint():

@@ -862,9 +862,9 @@ def fake_row(name: str, architecture: str, val_miou: float, test_miou: float) ->
     return {
         "model": name, "architecture": architecture, "encoder": "resnet18", "pretrained": False,
         "params": 1, "output_stride": 16 if architecture == "deeplabv3" else 32, "aspp_rates": None,
-        "train_seconds": 1.0, "steps": 1, "epochs": 1, "best_val_miou": val_miou,
-        "val_miou": val_miou, "miou": test_miou, "pixel_accuracy": 0.5,
-        "mean_class_accuracy": 0.5, "miou_multiscale": test_miou, "pixel_accuracy_multiscale": 0.5,
+        "train_seconds": 1.0, "steps": 1, "validations": 1, "val_miou": val_miou,
+        "miou": test_miou, "pixel_accuracy": 0.5, "mean_class_accuracy": 0.5,
+        "miou_multiscale": test_miou, "pixel_accuracy_multiscale": 0.5,
         "per_class_iou": [0.5] * 21, "per_class_accuracy": [0.5] * 21,
         "history": [{"epoch": 1, "step": 1, "loss": 1.0, "val_miou": val_miou}],
         "confusion_matrix": torch.eye(21, dtype=torch.int64).tolist(),

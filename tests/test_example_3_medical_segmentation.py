@@ -520,10 +520,17 @@ def test_a_short_training_run_learns(isolated):
     assert dice["organ"] > 0.8 and dice["lesion"] > 0.5  # ... and finds organ and lesions in 3D
 
 
-def test_ctrl_c_in_the_main_run_keeps_its_best_weights_and_skips_the_comparison(
-    isolated, monkeypatch, capsys, tmp_path
+@pytest.mark.parametrize(
+    "ctrl_c_at, main_epochs, message",
+    [
+        (2, 1, "loss comparison skipped"),  # in the main run's 2nd epoch: no comparison starts
+        (3, 2, "loss comparison stopped"),  # in the 1st epoch of the weighted_ce comparison run
+    ],
+)
+def test_ctrl_c_keeps_the_main_runs_best_weights_and_ends_the_comparison(
+    isolated, monkeypatch, capsys, tmp_path, ctrl_c_at, main_epochs, message
 ):
-    isolated(mod, **TINY, COMPARE_LOSSES=("weighted_ce", "dice_ce"), LOSS="dice_ce")
+    isolated(mod, **TINY, COMPARE_LOSSES=("weighted_ce", "dice_ce"), LOSS="dice_ce", EPOCHS=2)
     splits, names = mod.load_data()
     prepared = {s: [mod.preprocess(c) for c in cases] for s, cases in splits.items()}
     labels = mod.slice_tensors(prepared["train"])[1].numpy()
@@ -531,17 +538,20 @@ def test_ctrl_c_in_the_main_run_keeps_its_best_weights_and_skips_the_comparison(
                 class_weights=mod.class_weights_from(labels, len(names)))  # fmt: skip
     real_epoch, calls = mod.train_one_epoch, []
 
-    def interrupted_in_epoch_2(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the user presses Ctrl-C during the second epoch
+        if len(calls) == ctrl_c_at:
+            raise KeyboardInterrupt  # the user presses Ctrl-C during this epoch
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(mod, "train_one_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(mod, "train_one_epoch", interrupted)
     result = mod.train_and_compare(data, torch.device("cpu"), tmp_path / "best.pt")
-    assert len(calls) == 2 and len(result["history"]) == 1  # no comparison run started
-    assert result["comparison"] == {} and "loss comparison skipped" in capsys.readouterr().out
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    out = capsys.readouterr().out
+    assert len(calls) == ctrl_c_at and len(result["history"]) == main_epochs
+    assert message in out and "nothing to evaluate" not in out and result["model"] is not None
+    assert result["comparison"] == {} and list(result["histories"]) == ["dice_ce (main run)"]
+    best_epoch = 1 + int(np.argmax([h["val_score"] for h in result["history"]]))
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == best_epoch
 
 
 def test_model_size_is_counted_by_hand(isolated, capsys):
