@@ -139,7 +139,7 @@ LEARNING_RATE = 3e-3  # AdamW peak step size; one-cycle warm-up then cosine deca
 LESION_OVERSAMPLE = 3.0  # a slice with lesion is drawn this many times more often (1 = off)
 # your own 2D photos (--data-dir): native resolution, random patches in, sliding windows out
 PATCH_SIZE = 96  # training patch side in pixels, cut at native resolution (nothing is resized)
-PHOTO_STEPS = 2000  # optimizer steps, for any number of images (20 train as long as 2,000)
+PHOTO_STEPS = 1500  # optimizer steps, for any number of images (20 train as long as 2,000)
 # system
 SEED = 0  # same seed -> same cohort, same split, same initial weights
 DEVICE = "auto"  # "auto" picks CUDA, then Apple MPS, then CPU; or name one: "cpu", "cuda", "mps"
