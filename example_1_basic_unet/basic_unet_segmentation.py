@@ -27,7 +27,7 @@ the chapter (editors such as VS Code show them as cells that run one at a time).
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 145 s (16 epochs) and ended with::
+On a 2-core CPU (no GPU) the default run took 139 s (16 epochs) and ended with::
 
     test split             U-Net  all background
     IoU background         0.991           0.829

@@ -43,7 +43,7 @@ folders that hold them; masks stored as 0/255 or as class indices; optional ``fo
 
 What you should see
 -------------------
-On a 2-core CPU (no GPU) the default run took 70 s in total and printed (abridged; the full
+On a 2-core CPU (no GPU) the default run took 79 s in total and printed (abridged; the full
 output is in README.md)::
 
     model: U-Net, 3 input channels, depth 3, base width 12: 271,935 parameters
@@ -59,21 +59,21 @@ output is in README.md)::
     test, out-of-domain scanner D (6 patients): mean +- std [Student-t 95% CI]
       dice         organ 0.856 +- 0.011 [0.844, 0.868] | lesion 0.694 +- 0.088 [0.601, 0.786]
       lesions found 14/14 (lesion-wise sensitivity 1.00), false-positive lesions 24
-    test Dice organ 0.975 | lesion 0.945 | total 70 s | outputs in .../outputs
+    test Dice organ 0.975 | lesion 0.945 | total 79 s | outputs in .../outputs
 
 With --data-dir on CHASE_DB1 (retinal vessels: 20 training photos of 999 x 960, 16 train + 4
-validation, 8 test, field-of-view masks) the same CPU took 367 s and printed (abridged)::
+validation, 8 test, field-of-view masks) the same CPU took 432 s and printed (abridged)::
 
-    step   250/1500 | train loss 1.0323 | val Dice vessel 0.690 (best) | 56 s
-    estimated time to the end of training: about 5 min
-    step  1500/1500 | train loss 0.3560 | val Dice vessel 0.814 (best) | 334 s
+    step   250/1500 | train loss 1.0323 | val Dice vessel 0.690 (best) | 71 s
+    estimated time to the end of training: about 6 min
+    step  1500/1500 | train loss 0.3560 | val Dice vessel 0.814 (best) | 392 s
     test (8 images): mean +- std [Student-t 95% CI]
       dice         vessel 0.794 +- 0.019 [0.778, 0.810]
       sensitivity  vessel 0.834 +- 0.046 [0.795, 0.873]
       specificity  vessel 0.974 +- 0.005 [0.970, 0.978]
       auc          vessel 0.982 +- 0.004 [0.978, 0.985]
       pooled over all test pixels: Dice vessel 0.795
-    test Dice vessel 0.794 (pooled 0.795) | total 367 s | outputs in .../outputs
+    test Dice vessel 0.794 (pooled 0.795) | total 432 s | outputs in .../outputs
 
 References
 ----------
@@ -1014,12 +1014,10 @@ def fit(
     loss_name: str, data: dict, epochs: int, device, checkpoint_path=None, stop_after=None
 ) -> tuple:
     """Train a fresh U-Net with loss `loss_name`; returns (model with the best weights, history,
-    interrupted: True when Ctrl-C stopped it). A comparison run (stop_after) uses only its history,
-    so without best weights (Ctrl-C in its first epoch) it returns None as its model.
-
-    `data` holds the prepared train / val cases, class names and class weights. With a
-    checkpoint_path the best weights are also saved there (with what --predict needs). With
-    stop_after, only the first `stop_after` epochs of the `epochs`-long schedule are run.
+    interrupted: True when Ctrl-C stopped it). `data`: the prepared train / val cases, class names
+    and class weights. With a checkpoint_path the best weights are also saved there (with what
+    --predict needs). With stop_after (a comparison run: only its history is used) only the first
+    `stop_after` epochs of the `epochs`-long schedule run, and the model is None if none ended.
     """
     torch.manual_seed(SEED)  # every loss starts from the same initial weights
     names = data["class_names"]
@@ -1058,9 +1056,7 @@ def fit(
     if best.state is None:
         if stop_after is not None:  # a comparison run stopped early: the main run still stands
             return None, history, interrupted
-        raise SystemExit(
-            "error: training stopped before the first epoch ended; nothing to evaluate"
-        )
+        raise SystemExit("error: training stopped in the first epoch; nothing to evaluate")
     model.load_state_dict(best.state)
     return model, history, interrupted
 
