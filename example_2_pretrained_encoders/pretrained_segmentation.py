@@ -323,20 +323,24 @@ def read_mask(path: Path, colours: dict | None = None) -> np.ndarray:
 
     Index masks ("L"/"P"/"I" mode) hold the ids themselves. Colour masks (RGB), as annotation
     tools export VOC-format folders, need `colours`, {(r, g, b): class id}; without it they are
-    an error that says how to convert them.
+    an error that says how to convert them, unless all three channels are equal (ids saved as
+    an RGB image, as OpenCV's imwrite of a 3-channel array does).
     """
     try:
         mask = Image.open(path)
         if mask.mode == "LA":  # grey + alpha: the grey values are the labels
             mask = mask.convert("L")
         if mask.mode in ("RGB", "RGBA"):
+            rgb = np.array(mask.convert("RGB"))
+            if colours is None and (rgb == rgb[..., :1]).all():  # r = g = b: the grey ids
+                return rgb[..., 0].astype(np.int64)
             if colours is None:
                 raise SystemExit(
                     f"error: {path} is a colour image; masks must store class indices (a mode L "
                     "or a palette P PNG, 255 = ignore), e.g. Image.fromarray(labels.astype("
                     "np.uint8)); colour masks are read only in a VOC-format folder (see README)"
                 )
-            return colours_to_labels(np.array(mask.convert("RGB")), colours, path)
+            return colours_to_labels(rgb, colours, path)
         # Gotcha: np.array of a palette ("P") PNG gives the class ids; .convert("RGB") gives colours
         return np.array(mask, dtype=np.int64)
     except (UnidentifiedImageError, OSError) as error:

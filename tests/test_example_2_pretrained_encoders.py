@@ -577,6 +577,17 @@ def test_folder_with_official_splits_keeps_them_and_carves_a_missing_val(mod, is
     assert [len(datasets[s]) for s in ("train", "val", "test")] == [6, 2, 3]
 
 
+def test_an_rgb_mask_with_equal_channels_is_read_as_class_ids(mod, tmp_path):
+    labels = np.random.default_rng(0).integers(0, 3, size=(20, 30)).astype(np.uint8)
+    labels[0, :5] = 255  # ignore
+    Image.fromarray(np.repeat(labels[..., None], 3, axis=2)).save(tmp_path / "rgb.png")  # r = g = b
+    Image.fromarray(labels).save(tmp_path / "grey.png")
+    assert Image.open(tmp_path / "rgb.png").mode == "RGB"
+    grey = mod.read_mask(tmp_path / "grey.png")
+    assert grey.dtype == np.int64 and np.array_equal(grey, labels)
+    assert np.array_equal(mod.read_mask(tmp_path / "rgb.png"), grey)
+
+
 def test_bad_folders_and_masks_are_one_line_errors_naming_the_file(mod, isolated, tmp_path):
     root = tmp_path / "bad"
     write_folder(root, 3)
@@ -590,7 +601,9 @@ def test_bad_folders_and_masks_are_one_line_errors_naming_the_file(mod, isolated
     Image.fromarray(np.full((40, 48), 7, np.uint8)).save(root / "masks" / "img0_000.png")
     with pytest.raises(SystemExit, match=r"^error: mask .*img0_000\.png has class values \[7\]"):
         mod.load_datasets()
-    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(root / "masks" / "img0_000.png")  # RGB
+    colour = np.zeros((40, 48, 3), np.uint8)
+    colour[:, :24] = (200, 30, 30)  # a colour mask: red and black
+    Image.fromarray(colour).save(root / "masks" / "img0_000.png")
     with pytest.raises(SystemExit, match=r"^error: .*img0_000\.png is a colour image"):
         mod.load_datasets()
     (root / "masks" / "img0_000.png").unlink()
