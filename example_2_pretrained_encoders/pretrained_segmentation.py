@@ -39,12 +39,12 @@ instead.
 What you should see
 -------------------
 The default run (`python pretrained_segmentation.py`; offline: no VOC in data/, so the synthetic
-set, both encoders from random weights) on a 2-core CPU took 363 s in total and ended with
+set, both encoders from random weights) on a 2-core CPU took 398 s in total and ended with
 (the best model is chosen on validation; the test split only reports):
 
     model                         params  train s  val mIoU  test mIoU  MS+flip  pix acc   coarse
-    deeplabv3_resnet18_scratch     13.3M      169     0.424      0.436    0.432    0.896    0.520
-    fpn_resnet18_scratch           12.5M      168     0.872      0.894    0.901    0.985    0.995
+    deeplabv3_resnet18_scratch     13.3M      182     0.424      0.436    0.432    0.896    0.520
+    fpn_resnet18_scratch           12.5M      186     0.872      0.894    0.901    0.985    0.995
 
 "coarse" is the test mIoU of the true labels averaged over the cells of the model's prediction
 grid and resized back: on 64-px images DeepLabV3's stride-16 grid is 4 x 4 (0.520), FPN's stride-4
@@ -53,7 +53,7 @@ on the 4 x 4 grid reach 0.79, so the stride alone does not explain DeepLabV3's 0
 
 Real photos, DATASET = "folder" on Stanford Background (715 outdoor photos of ~320 x 240, 8
 classes, seeded 501/107/107 split), default settings, encoder from random weights:
-val mIoU 0.487, test mIoU 0.487, pixel accuracy 0.719, in 730 s on a slow 2-core CPU (0.461 in
+val mIoU 0.487, test mIoU 0.487, pixel accuracy 0.719, in 753 s on a slow 2-core CPU (0.461 in
 502 s on a faster one: the CPU changes the last digits of every sum, and the result moves by
 points).
 
